@@ -1,0 +1,243 @@
+"""Command line: ``python -m lora_from_scratch COMMAND --help``.
+
+    data      write the fixed evaluation sets to data/
+    pretrain  train a base TinyGPT from scratch on one task
+    eval      greedy exact-match of a checkpoint on a task or a data file
+    finetune  add LoRA / DyLoRA / MatryoshkaLoRA adapters to a base and train them
+    demo      pretrain a base on addition, then teach it subtraction with LoRA
+
+Every command takes --seed, --device and --metrics-out FILE (the final
+metrics as JSON, with at least test_exact_match and seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import load_model, save_model
+from .recipes import DEFAULT_CACHE, METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
+    pretrain, resolve_device
+from .tasks import DEFAULT_DIGITS, TASKS, Task, load_problems, save_problems
+from .train import evaluate, predict
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run; auto picks cuda when available (default auto)")
+    p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics to FILE as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _task_args(p: argparse.ArgumentParser, default_task: str | None) -> None:
+    p.add_argument("--task", default=default_task, choices=TASKS, help=f"task (default {default_task})")
+    p.add_argument("--digits", help="operand digits: N, or A,B for mul (default: the task's default, "
+                   + ", ".join(f"{t} {','.join(map(str, d))}" for t, d in DEFAULT_DIGITS.items()) + ")")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    d = PretrainConfig()
+    p.add_argument("--n-layer", type=int, default=d.n_layer, help=f"transformer blocks (default {d.n_layer})")
+    p.add_argument("--n-head", type=int, default=d.n_head, help=f"attention heads (default {d.n_head})")
+    p.add_argument("--n-embd", type=int, default=d.n_embd, help=f"model width (default {d.n_embd})")
+
+
+def _write_metrics(path, metrics: dict) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _samples(model, task: Task, n: int) -> list[str]:
+    probs = task.test_set()[:n]
+    preds = predict(model, [p.prompt for p in probs], task.max_answer_tokens())
+    return [f"  {p.prompt}{pr:<8} {'ok' if task.check(pr, p.answer) else 'wrong, expected ' + p.answer}"
+            for p, pr in zip(probs, preds)]
+
+
+def cmd_data(a) -> dict:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in TASKS:
+        probs = Task(name).test_set()
+        save_problems(probs, out / f"{name}.jsonl")
+        files[name] = len(probs)
+        print(f"wrote {len(probs)} problems to {out / (name + '.jsonl')}")
+    return {"files": files}
+
+
+def _pretrain_config(a) -> PretrainConfig:
+    return PretrainConfig(task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                          n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, seed=a.seed,
+                          device=resolve_device(a.device), progress=not a.quiet)
+
+
+def cmd_pretrain(a) -> dict:
+    cfg = _pretrain_config(a)
+    model, metrics = pretrain(cfg)
+    out = Path(a.out) if a.out else DEFAULT_CACHE / cfg.cache_key()
+    save_model(model, out, metrics=metrics, pretrain=json.loads(json.dumps(vars(cfg), default=list)))
+    print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps, "
+          f"{metrics['seconds']:.1f} s; saved {out}")
+    return {**metrics, "checkpoint": str(out)}
+
+
+def cmd_eval(a) -> dict:
+    t0 = time.perf_counter()
+    model, meta = load_model(a.ckpt, resolve_device(a.device))
+    spec = meta.get("metrics", {}).get("task", {})
+    name = a.task or spec.get("name")
+    if name is None:
+        raise ValueError(f"{a.ckpt} does not record its task; pass --task")
+    digits = a.digits or (spec.get("digits") if name == spec.get("name") else None)
+    task = Task(name, digits)
+    problems = load_problems(a.data) if a.data else None
+    acc = evaluate(model, task, problems)
+    print(f"{task}: test exact-match {acc:.4f}")
+    print("\n".join(_samples(model, task, a.samples)))
+    return {"task": task.spec(), "test_exact_match": acc, "seconds": time.perf_counter() - t0}
+
+
+def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
+    ints = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
+    return FinetuneConfig(method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale,
+                          targets=tuple(a.targets.split(",")) if a.targets != "all-linear" else "all-linear",
+                          task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                          frozen=not a.unfrozen, train_ranks=ints(a.train_ranks), eval_ranks=ints(a.eval_ranks),
+                          base=base, seed=a.seed, device=base.device, progress=not a.quiet)
+
+
+def _print_rank_table(m: dict) -> None:
+    print(f"{m['method']} R={m['rank']} on {m['task']['name']}: base exact-match {m['base_exact_match']:.4f}")
+    print("| rank | exact-match |\n|---:|---:|")
+    for r, acc in m["exact_match_by_rank"].items():
+        print(f"| {r} | {acc:.4f} |")
+    print(f"AURAC (log2 ranks, %): {m['aurac']:.2f}; trainable parameters {m['trainable_parameters']}; "
+          f"{m['seconds']:.1f} s")
+
+
+def cmd_finetune(a) -> dict:
+    device = resolve_device(a.device)
+    base_model = None
+    if a.base:
+        base_model, _ = load_model(a.base, device)
+    base_cfg = PretrainConfig(task=a.base_task, digits=a.base_digits, seed=a.base_seed, device=device,
+                              progress=not a.quiet)
+    cfg = _finetune_config(a, base_cfg)
+    model, metrics = finetune(cfg, base_model, cache_dir=a.cache_dir)
+    _print_rank_table(metrics)
+    if a.save_adapters:
+        from .adapters import save_adapters
+        save_adapters(model, a.save_adapters, finetune=json.loads(json.dumps(vars(cfg), default=lambda o: vars(o) if hasattr(o, "__dict__") else list(o))))
+    return metrics
+
+
+def cmd_demo(a) -> dict:
+    t0 = time.perf_counter()
+    device = resolve_device(a.device)
+    base_cfg = PretrainConfig(task="add", digits=a.digits, seed=a.seed, device=device, progress=not a.quiet)
+    print(f"step 1: a base TinyGPT that adds {base_cfg.digits[0]}-digit numbers "
+          "(trained once, then cached in data/checkpoints/)")
+    base, bm = load_or_pretrain(base_cfg, a.cache_dir)
+    add = Task("add", base_cfg.digits)
+    acc = evaluate(base, add)
+    print(f"  addition test exact-match: {acc:.4f} ({'cached' if bm['cached'] else 'trained now'})")
+    print("  answers are written least-significant digit first (see data/README.md):")
+    print("\n".join(_samples(base, add, 4)))
+    print("step 2: teach it subtraction with a rank-8 LoRA on every linear layer (base frozen)")
+    ft = FinetuneConfig(method="lora", rank=8, task="sub", digits=base_cfg.digits, steps=a.finetune_steps,
+                        eval_ranks=(8,), base=base_cfg, seed=a.seed, device=device, progress=not a.quiet)
+    model, fm = finetune(ft, base, a.cache_dir)
+    sub = Task("sub", base_cfg.digits)
+    print(f"  subtraction test exact-match: {fm['base_exact_match']:.4f} before -> {fm['test_exact_match']:.4f} "
+          f"after, training {fm['trainable_parameters']} of "
+          f"{sum(p.numel() for p in model.parameters())} parameters")
+    print("\n".join(_samples(model, sub, 4)))
+    return {"test_exact_match": acc, "add_exact_match": acc, "sub_base_exact_match": fm["base_exact_match"],
+            "sub_lora_exact_match": fm["test_exact_match"], "seconds": time.perf_counter() - t0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_from_scratch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="write the fixed evaluation sets (500 problems per task)")
+    p.add_argument("--out", default="data", help="folder to write TASK.jsonl into (default data)")
+    _common(p)
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("pretrain", help="train a base TinyGPT from scratch on one task")
+    _task_args(p, "add")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: tuned per task size)")
+    p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    _model_args(p)
+    p.add_argument("--out", help="checkpoint path (default: data/checkpoints/<settings>.pt)")
+    _common(p)
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="greedy exact-match of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="model checkpoint written by pretrain")
+    _task_args(p, None)
+    p.add_argument("--data", help="JSON-lines file of problems (default: the task's fixed test set)")
+    p.add_argument("--samples", type=int, default=5, help="sample answers to show (default 5)")
+    _common(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("finetune", help="train LoRA / DyLoRA / MatryoshkaLoRA adapters on a new task")
+    p.add_argument("--method", default="lora", choices=METHODS, help="adapter (default lora)")
+    p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
+    p.add_argument("--alpha", type=float, help="scale numerator alpha (default 2 * rank)")
+    p.add_argument("--scale", default="lora", choices=["lora", "rslora", "none"], help="scale rule c(r)")
+    p.add_argument("--targets", default="all-linear",
+                   help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
+    _task_args(p, "sub")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--unfrozen", action="store_true", help="DyLoRA: train all components 1..b, not only b")
+    p.add_argument("--train-ranks", help="Matryoshka S / DyLoRA rank set, e.g. 1,2,4,8 (default powers of 2 / 1..R)")
+    p.add_argument("--eval-ranks", help="sub-ranks to evaluate, e.g. 1,2,4,8 (default powers of 2 up to R)")
+    p.add_argument("--base", help="base checkpoint (default: pretrain one on --base-task, cached)")
+    p.add_argument("--base-task", default="add", choices=TASKS, help="task of the cached base (default add)")
+    p.add_argument("--base-digits", help="digits of the cached base (default: the task's default)")
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the cached base (default 0)")
+    p.add_argument("--save-adapters", metavar="FILE", help="write the trained adapter weights to FILE")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where base checkpoints are cached")
+    _common(p)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("demo", help="pretrain on addition, then fine-tune subtraction with LoRA")
+    p.add_argument("--digits", default="2", help="operand digits (default 2)")
+    p.add_argument("--finetune-steps", type=int, default=400, help="LoRA steps (default 400)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where base checkpoints are cached")
+    _common(p)
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        import torch
+        torch.manual_seed(a.seed)
+        metrics = a.fn(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _write_metrics(a.metrics_out, {"command": a.command, **metrics})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What every adapter shares: the layer contract and putting adapters into a model.
+
+An adapter wraps one frozen ``nn.Linear`` (``base``, weight ``W`` of shape
+(out, in)) and adds a learned change to its output. The contract, kept from
+HF PEFT so the ideas and the weights carry over:
+
+- ``delta_weight()``: the (out, in) matrix the adapter adds to ``W``;
+- ``merge()``: fold it into ``W`` (inference then costs a plain linear
+  layer), ``unmerge()``: take it out again; both are idempotent;
+- ``forward(x)``: ``base(x)`` plus the adapter's contribution.
+
+A subclass defines ``delta_weight`` and ``adapter_output(x, y)``, which adds
+its contribution to the base output ``y``.
+
+The model-level helpers: ``add_adapters`` (swap named linears for adapters
+and freeze everything else), ``adapters_disabled`` (the base model, e.g. as
+GRPO's reference policy, without a second copy of the weights),
+``merge_adapters``/``unmerge_adapters``, ``trainable_parameters`` and saving
+and loading the adapter weights alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import atomic_save, safe_load
+
+
+class AdapterLayer(nn.Module):
+    """Base class: a frozen ``nn.Linear`` plus a trainable change."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
+        self.base = base
+        base.requires_grad_(False)  # the pretrained weight never trains
+        self.merged = False  # True while delta_weight() is folded into base.weight
+        self.disabled = False  # True inside adapters_disabled(): act as the base layer
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base output) plus this adapter's contribution for ``x``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or self.disabled:  # merged: base.weight already holds the change
+            return y
+        return self.adapter_output(x, y)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters (not the base layer's)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def add_adapters(model: nn.Module, make_adapter, targets="all-linear") -> list[str]:
+    """Replace the targeted ``nn.Linear`` modules with ``make_adapter(linear)``
+    and freeze every other parameter of ``model``.
+
+    ``targets``: ``"all-linear"``, one name, or a list of names. A name matches
+    a module's full dotted name (``blocks.0.attn.q_proj``) or its last part
+    (``q_proj``). Returns the full names of the replaced modules.
+    """
+    if adapter_layers(model):
+        raise ValueError("this model already has adapters; add them to a fresh base model")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if isinstance(targets, str):
+        targets = None if targets == "all-linear" else [targets]
+    if targets is not None:
+        targets = list(targets)
+        if not targets:
+            raise ValueError("targets is empty; give names such as ('q_proj', 'v_proj') or 'all-linear'")
+        unmatched = [t for t in targets if not any(t == n or t == n.rsplit(".", 1)[-1] for n in linears)]
+        if unmatched:
+            short = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"target(s) {unmatched} match no nn.Linear in the model; "
+                             f"available names: {short} (or full names like {next(iter(linears), '?')!r}, "
+                             "or 'all-linear')")
+    chosen = [n for n in linears if targets is None or any(t == n or t == n.rsplit(".", 1)[-1] for t in targets)]
+    model.requires_grad_(False)  # freeze everything; new adapter parameters train
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = make_adapter(linears[name])
+        if not isinstance(adapter, AdapterLayer):
+            raise TypeError(f"make_adapter must return an AdapterLayer, got {type(adapter).__name__}")
+        setattr(parent, attr, adapter)
+    return chosen
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside this block the model computes exactly its base function."""
+    layers = [m for _, m in adapter_layers(model)]
+    was_merged = [m.merged for m in layers]
+    for m in layers:
+        m.unmerge()
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, merged in zip(layers, was_merged):
+            m.disabled = False
+            if merged:
+                m.merge()
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, m in adapter_layers(model):
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, m in adapter_layers(model):
+        m.unmerge()
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters that receive gradient."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only, keyed like PEFT: ``blocks.0.attn.q_proj.lora_A``."""
+    return {f"{n}.{k}": p.detach().cpu().clone() for n, m in adapter_layers(model)
+            for k, p in m.adapter_parameters().items()}
+
+
+def save_adapters(model: nn.Module, path, **meta) -> None:
+    """Write the adapter weights (and JSON-able ``meta``) atomically."""
+    state = adapter_state_dict(model)
+    if not state:
+        raise ValueError("the model has no adapters to save")
+    atomic_save({"kind": "adapters", "state": state, "meta": meta}, path)
+
+
+def load_adapters(model: nn.Module, path) -> dict:
+    """Load weights written by ``save_adapters`` into a model that already has
+    adapters of the same layout; returns the saved ``meta``."""
+    ckpt = safe_load(path, "adapter file")
+    if ckpt.get("kind") != "adapters" or not isinstance(ckpt.get("state"), dict):
+        raise ValueError(f"{path} is not an adapter file (keys: {sorted(ckpt)})")
+    own = {f"{n}.{k}": p for n, m in adapter_layers(model) for k, p in m.adapter_parameters().items()}
+    state = ckpt["state"]
+    if set(own) != set(state):
+        raise ValueError(f"{path} does not fit this model's adapters: missing {sorted(set(own) - set(state))[:4]}, "
+                         f"unexpected {sorted(set(state) - set(own))[:4]}")
+    for k, p in own.items():
+        if p.shape != state[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model's adapter has {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
+    return ckpt.get("meta", {})

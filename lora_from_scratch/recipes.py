@@ -1,0 +1,185 @@
+"""End-to-end recipes the CLI, the demo and the benchmarks share:
+pretrain a base model, cache it, fine-tune adapters on top of it.
+
+Each recipe is a dataclass of settings (one comment per field) and a
+function that runs it and returns the trained model and a metrics dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapters import add_adapters, trainable_parameters
+from .checkpoint import load_model, save_model
+from .dylora import DyLoRALinear, with_rank_sampling
+from .lora import LoRALinear, evaluate_ranks
+from .matryoshka import MatryoshkaLoRALinear, aurac
+from .model import GPTConfig, TinyGPT
+from .tasks import Task, parse_digits, train_batches
+from .tokenizer import Tokenizer
+from .train import TrainConfig, evaluate, sft_loss, train
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_CACHE = REPO_DATA / "checkpoints"
+
+# Pretraining steps by (task, digits), measured so that 3 seeds all reach
+# >= 99% test exact-match (benchmarks/pretrain_speed.py); other sizes scale
+# with the answer length.
+PRETRAIN_STEPS = {("add", (1, 1)): 400, ("add", (2, 2)): 700, ("add", (3, 3)): 1600}
+
+
+def resolve_device(name: str = "auto") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU (try --device cpu)")
+    return name
+
+
+@dataclass
+class PretrainConfig:
+    task: str = "add"  # task to learn from scratch
+    digits: tuple | str | int | None = None  # operand size; None: the task's default
+    steps: int | None = None  # optimizer steps; None: PRETRAIN_STEPS or a size-based guess
+    batch_size: int = 128  # problems per step
+    lr: float = 3e-3  # peak learning rate (warmup, then cosine decay)
+    warmup_steps: int = 50  # linear warmup
+    n_layer: int = 2  # TinyGPT depth
+    n_head: int = 4  # attention heads
+    n_embd: int = 64  # width
+    block_size: int = 128  # longest sequence (word problems are ~100 characters)
+    seed: int = 0  # seeds the weights, the data and the training
+    device: str = "cpu"  # "cpu" or "cuda"
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        self.digits = parse_digits(self.task, self.digits)
+        if self.steps is None:
+            task = Task(self.task, self.digits)
+            self.steps = PRETRAIN_STEPS.get((self.task, self.digits), 500 * task.max_answer_tokens())
+
+    def cache_key(self) -> str:
+        """A file name that changes whenever a setting that shapes the weights does."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("device", "progress")}
+        h = hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        return f"base_{self.task}{'x'.join(map(str, self.digits))}_s{self.seed}_{h}.pt"
+
+
+def pretrain(cfg: PretrainConfig) -> tuple[TinyGPT, dict]:
+    """Train a TinyGPT from scratch on one task; returns (model, metrics)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer()
+    task = Task(cfg.task, cfg.digits)
+    model = TinyGPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                       progress=cfg.progress)
+    res = train(model, sft_loss, train_batches(task, tok, cfg.batch_size, cfg.seed), tcfg,
+                eval_fn=lambda m: {"test_exact_match": evaluate(m, task)})
+    metrics = {"task": task.spec(), "test_exact_match": res.final["test_exact_match"], "steps": res.steps,
+               "final_loss": res.losses[-1] if res.losses else None,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "seconds": time.perf_counter() - t0}
+    return model, metrics
+
+
+def load_or_pretrain(cfg: PretrainConfig, cache_dir=DEFAULT_CACHE) -> tuple[TinyGPT, dict]:
+    """The cached base model for ``cfg`` if there is one, else pretrain and cache it."""
+    path = Path(cache_dir) / cfg.cache_key()
+    if path.exists():
+        model, meta = load_model(path, cfg.device)
+        return model, {**meta.get("metrics", {}), "cached": True, "path": str(path)}
+    model, metrics = pretrain(cfg)
+    save_model(model, path, metrics=metrics, pretrain=_jsonable(asdict(cfg)))
+    return model, {**metrics, "cached": False, "path": str(path)}
+
+
+# ----- fine-tuning ----------------------------------------------------------
+METHODS = ("lora", "dylora", "matryoshka")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "lora"  # "lora", "dylora" or "matryoshka"
+    rank: int = 8  # (maximum) adapter rank R
+    alpha: float | None = None  # scale numerator; None: alpha = 2 * rank
+    scale: str = "lora"  # scale rule c(r): "lora", "rslora" or "none"
+    targets: tuple | str = "all-linear"  # which linear layers get adapters
+    task: str = "sub"  # task to fine-tune on (the base has not seen it)
+    digits: tuple | str | int | None = None  # its operand size
+    steps: int = 600  # optimizer steps
+    batch_size: int = 128  # problems per step
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 30  # linear warmup
+    frozen: bool = True  # DyLoRA: only the sampled component learns
+    train_ranks: tuple | None = None  # Matryoshka S; DyLoRA's rank set; None: defaults
+    eval_ranks: tuple | None = None  # sub-ranks to evaluate; None: {1, 2, 4, ..., R}
+    base: PretrainConfig = field(default_factory=PretrainConfig)  # the base model to adapt
+    seed: int = 0  # seeds the adapters, the data and the training
+    device: str = "cpu"  # "cpu" or "cuda"
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        self.digits = parse_digits(self.task, self.digits)
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+
+
+def make_adapter_factory(cfg: FinetuneConfig):
+    """``linear -> adapter`` for the configured method."""
+    if cfg.method == "lora":
+        return lambda lin: LoRALinear(lin, cfg.rank, cfg.alpha, scale=cfg.scale)
+    if cfg.method == "dylora":
+        return lambda lin: DyLoRALinear(lin, cfg.rank, cfg.alpha, frozen=cfg.frozen, ranks=cfg.train_ranks,
+                                        scale=cfg.scale)
+    return lambda lin: MatryoshkaLoRALinear(lin, cfg.rank, cfg.alpha, train_ranks=cfg.train_ranks, scale=cfg.scale)
+
+
+def finetune(cfg: FinetuneConfig, base_model: TinyGPT | None = None, cache_dir=DEFAULT_CACHE):
+    """Add adapters to the base model, train them on ``cfg.task``, and
+    evaluate every sub-rank. Returns (model, metrics)."""
+    if base_model is None:
+        base_model, _ = load_or_pretrain(cfg.base, cache_dir)
+    model = copy.deepcopy(base_model).to(cfg.device)  # the caller's base stays untouched
+    tok = Tokenizer()
+    task = Task(cfg.task, cfg.digits)
+    longest = max(len(p.prompt) + len(p.answer) + 2 for p in task.test_set())
+    if longest > model.config.block_size:
+        raise ValueError(f"task {cfg.task} needs {longest} positions, the base model has {model.config.block_size}")
+    base_acc = evaluate(model, task)
+    torch.manual_seed(cfg.seed)  # adapter init
+    add_adapters(model, make_adapter_factory(cfg), cfg.targets)
+    loss_fn = with_rank_sampling(sft_loss) if cfg.method == "dylora" else sft_loss
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                       progress=cfg.progress)
+    t0 = time.perf_counter()
+    res = train(model, loss_fn, train_batches(task, tok, cfg.batch_size, cfg.seed + 10_000), tcfg)
+    seconds = time.perf_counter() - t0
+    ranks = cfg.eval_ranks or tuple(r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < cfg.rank) + (cfg.rank,)
+    by_rank = evaluate_ranks(model, task, ranks)
+    metrics = {
+        "method": cfg.method, "task": task.spec(), "rank": cfg.rank, "alpha": cfg.alpha,
+        "base_exact_match": base_acc,
+        "test_exact_match": by_rank[cfg.rank] if cfg.rank in by_rank else evaluate_ranks(model, task, [cfg.rank])[cfg.rank],
+        "exact_match_by_rank": {str(r): a for r, a in by_rank.items()},
+        "aurac": aurac(list(by_rank), [100 * a for a in by_rank.values()]),
+        "trainable_parameters": trainable_parameters(model),
+        "steps": res.steps, "final_loss": res.losses[-1] if res.losses else None, "seconds": seconds,
+    }
+    return model, metrics
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=list))

@@ -1,0 +1,219 @@
+"""The one training loop, and the greedy exact-match evaluation.
+
+``train(model, loss_fn, batches, config)`` knows nothing about tasks,
+adapters or objectives. It needs:
+
+- ``loss_fn(model, batch) -> (loss, metrics)``: a scalar tensor to minimise
+  and a dict of floats to show. Supervised fine-tuning, DyLoRA's rank
+  sampling, a REINFORCE-style router loss or a GRPO objective are all just
+  different ``loss_fn``s.
+- ``batches``: ``step -> batch`` (preferred: a resumed run then sees the same
+  data) or any iterable of batches.
+
+It trains the parameters with ``requires_grad=True`` (all of them for
+pretraining, only the adapters after ``add_adapters``) with AdamW, an
+optional linear warmup and cosine decay, and gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save, load_state_strict, safe_load
+from .tasks import Problem, Task
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in total (a resumed run counts from 0 too)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW decay, applied to matrices only
+    betas: tuple = (0.9, 0.99)  # AdamW betas
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    schedule: str = "cosine"  # "cosine" (decay to min_lr_ratio * lr) or "constant"
+    min_lr_ratio: float = 0.1  # final lr / peak lr for the cosine schedule
+    grad_clip: float | None = 1.0  # max global gradient norm; None turns it off
+    eval_every: int = 0  # run eval_fn every this many steps (0: only at the end)
+    checkpoint_every: int = 0  # save a resumable checkpoint every this many steps
+    checkpoint_path: str | None = None  # where; required by checkpoint_every and resume
+    resume: bool = False  # continue from checkpoint_path if it exists
+    seed: int = 0  # seeds torch's RNG (dropout, sampling inside loss_fn)
+    progress: bool = True  # show a tqdm bar with the live loss and metrics
+    log_every: int = 10  # refresh the bar's numbers every this many steps
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError(f"need steps >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_path:
+            raise ValueError("checkpoint_every and resume need checkpoint_path")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # steps done when training stopped
+    seconds: float  # wall time of this call
+    losses: list = field(default_factory=list)  # loss of every step of this call
+    evals: list = field(default_factory=list)  # (step, metrics) of every evaluation
+    final: dict = field(default_factory=dict)  # last evaluation's metrics
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for ``step``: a pure function, so resuming needs no state."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameters with requires_grad=True: nothing to train")
+    groups = [  # no weight decay on biases and LayerNorm gains (1-d tensors)
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                             foreach=True)
+
+
+def to_device(batch, device):
+    """Move every tensor of a dict batch (or a bare tensor) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None = None,
+          eval_fn=None) -> TrainResult:
+    """Train ``model`` for ``config.steps`` steps; see the module docstring.
+
+    ``eval_fn(model) -> dict`` runs under ``torch.no_grad`` in eval mode every
+    ``eval_every`` steps and once at the end; its numbers join the bar.
+    """
+    cfg = config or TrainConfig()
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, cfg)
+    start = 0
+    # Stage 1: a fresh start, or exactly where a checkpoint left off
+    if cfg.resume and cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path):
+        ckpt = safe_load(cfg.checkpoint_path, "training checkpoint")
+        for key in ("model", "optimizer", "step", "rng"):
+            if key not in ckpt:
+                raise ValueError(f"{cfg.checkpoint_path} is not a training checkpoint: no {key!r}")
+        load_state_strict(model, ckpt["model"], cfg.checkpoint_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+    else:
+        torch.manual_seed(cfg.seed)
+    get = batches if callable(batches) else _skipping(iter(batches), start)
+
+    result = TrainResult(steps=start, seconds=0.0)
+    shown: dict = {}
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
+               dynamic_ncols=True, desc="train")
+    for step in bar:
+        # Stage 2: one optimizer step
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = to_device(get(step) if callable(batches) else get(), device)
+        loss, metrics = loss_fn(model, batch)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            where = f"; the last good checkpoint is {cfg.checkpoint_path}" if cfg.checkpoint_path else ""
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; training stopped{where}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        result.losses.append(loss_value)
+        result.steps = step + 1
+
+        # Stage 3: show, evaluate, checkpoint
+        if cfg.progress and (step % cfg.log_every == 0 or step + 1 == cfg.steps):
+            shown.update(loss=loss_value, **metrics)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        last = step + 1 == cfg.steps
+        if eval_fn is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            scores = run_eval(model, eval_fn)
+            result.evals.append((step + 1, scores))
+            result.final = scores
+            shown.update(scores)
+        if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+            atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": torch.get_rng_state(), "train_config": _jsonable(asdict(cfg))},
+                        cfg.checkpoint_path)
+    bar.close()
+    if eval_fn is not None and not result.evals:  # e.g. resumed at the very end
+        result.final = run_eval(model, eval_fn)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def run_eval(model, eval_fn) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return dict(eval_fn(model))
+    finally:
+        model.train(was_training)
+
+
+def _skipping(it, n):
+    for _ in range(n):  # a resumed run skips the batches already used
+        next(it)
+    return lambda: next(it)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ----- supervised loss ----------------------------------------------------
+def sft_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy on the answer tokens only (``targets`` is
+    -100 on the prompt and on padding)."""
+    ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
+    logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets[:, :-1].flatten(), ignore_index=-100), {}
+
+
+# ----- greedy evaluation --------------------------------------------------
+def predict(model, prompts: list[str], max_new_tokens: int, tok: Tokenizer | None = None,
+            batch_size: int = 500) -> list[str]:
+    """Greedy answers (text up to <eos>) for a list of prompts."""
+    tok = tok or Tokenizer()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [tok.encode(p, bos=True) for p in prompts[i:i + batch_size]]
+        new = model.generate(chunk, max_new_tokens, greedy=True)
+        out += [tok.decode(row) for row in new.tolist()]
+    return out
+
+
+def evaluate(model, task: Task, problems: list[Problem] | None = None, batch_size: int = 500) -> float:
+    """Greedy exact-match in [0, 1] on ``problems`` (default: the task's
+    fixed evaluation set)."""
+    problems = task.test_set() if problems is None else problems
+    preds = predict(model, [p.prompt for p in problems], task.max_answer_tokens(), batch_size=batch_size)
+    return sum(task.check(pr, p.answer) for pr, p in zip(preds, problems)) / len(problems)
