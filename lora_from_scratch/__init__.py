@@ -1,0 +1,18 @@
+"""lora_from_scratch: readable LoRA variants on a tiny GPT that learns toy arithmetic.
+
+The public names, imported here from the file that defines each of them;
+every file opens with an explanation of its part.
+"""
+
+from .adapters import (AdapterLayer, adapter_layers, adapters_disabled, add_adapters, load_adapters,
+                       merge_adapters, save_adapters, trainable_parameters, unmerge_adapters)
+from .checkpoint import load_model, save_model
+from .dylora import DyLoRALinear, with_rank_sampling
+from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
+from .matryoshka import MatryoshkaLoRALinear, aurac, matryoshka_P
+from .model import GPTConfig, KVCache, TinyGPT
+from .tasks import TASKS, Problem, Task, encode_batch, load_problems, train_batches
+from .tokenizer import Tokenizer
+from .train import TrainConfig, evaluate, predict, sft_loss, train
+
+__version__ = "0.1.0"

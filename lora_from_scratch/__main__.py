@@ -6,8 +6,9 @@
     finetune  add LoRA / DyLoRA / MatryoshkaLoRA adapters to a base and train them
     demo      pretrain a base on addition, then teach it subtraction with LoRA
 
-Every command takes --seed, --device and --metrics-out FILE (the final
-metrics as JSON, with at least test_exact_match and seconds).
+Every command takes --seed, --device and --metrics-out FILE: its final
+metrics as JSON (pretrain, eval, finetune and demo report at least
+test_exact_match and seconds).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from .checkpoint import load_model, save_model
+from .adapters import save_adapters
+from .checkpoint import jsonable, load_model, save_model
 from .recipes import DEFAULT_CACHE, METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     pretrain, resolve_device
 from .tasks import DEFAULT_DIGITS, TASKS, Task, load_problems, save_problems
@@ -44,6 +47,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-layer", type=int, default=d.n_layer, help=f"transformer blocks (default {d.n_layer})")
     p.add_argument("--n-head", type=int, default=d.n_head, help=f"attention heads (default {d.n_head})")
     p.add_argument("--n-embd", type=int, default=d.n_embd, help=f"model width (default {d.n_embd})")
+    p.add_argument("--pos-init-std", type=float, default=d.pos_init_std,
+                   help=f"init std of the position embeddings (default {d.pos_init_std}; GPT-2 uses 0.02)")
 
 
 def _write_metrics(path, metrics: dict) -> None:
@@ -56,14 +61,15 @@ def _write_metrics(path, metrics: dict) -> None:
     tmp.replace(path)
 
 
-def _samples(model, task: Task, n: int) -> list[str]:
-    probs = task.test_set()[:n]
+def _samples(model, task: Task, n: int, problems=None) -> list[str]:
+    probs = (problems or task.test_set())[:n]
     preds = predict(model, [p.prompt for p in probs], task.max_answer_tokens())
     return [f"  {p.prompt}{pr:<8} {'ok' if task.check(pr, p.answer) else 'wrong, expected ' + p.answer}"
             for p, pr in zip(probs, preds)]
 
 
 def cmd_data(a) -> dict:
+    t0 = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -72,12 +78,13 @@ def cmd_data(a) -> dict:
         save_problems(probs, out / f"{name}.jsonl")
         files[name] = len(probs)
         print(f"wrote {len(probs)} problems to {out / (name + '.jsonl')}")
-    return {"files": files}
+    return {"files": files, "seconds": time.perf_counter() - t0}
 
 
 def _pretrain_config(a) -> PretrainConfig:
     return PretrainConfig(task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                          n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, seed=a.seed,
+                          n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, pos_init_std=a.pos_init_std,
+                          seed=a.seed,
                           device=resolve_device(a.device), progress=not a.quiet)
 
 
@@ -85,7 +92,7 @@ def cmd_pretrain(a) -> dict:
     cfg = _pretrain_config(a)
     model, metrics = pretrain(cfg)
     out = Path(a.out) if a.out else DEFAULT_CACHE / cfg.cache_key()
-    save_model(model, out, metrics=metrics, pretrain=json.loads(json.dumps(vars(cfg), default=list)))
+    save_model(model, out, metrics=metrics, pretrain=jsonable(asdict(cfg)))
     print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps, "
           f"{metrics['seconds']:.1f} s; saved {out}")
     return {**metrics, "checkpoint": str(out)}
@@ -103,7 +110,7 @@ def cmd_eval(a) -> dict:
     problems = load_problems(a.data) if a.data else None
     acc = evaluate(model, task, problems)
     print(f"{task}: test exact-match {acc:.4f}")
-    print("\n".join(_samples(model, task, a.samples)))
+    print("\n".join(_samples(model, task, a.samples, problems)))
     return {"task": task.spec(), "test_exact_match": acc, "seconds": time.perf_counter() - t0}
 
 
@@ -136,8 +143,8 @@ def cmd_finetune(a) -> dict:
     model, metrics = finetune(cfg, base_model, cache_dir=a.cache_dir)
     _print_rank_table(metrics)
     if a.save_adapters:
-        from .adapters import save_adapters
-        save_adapters(model, a.save_adapters, finetune=json.loads(json.dumps(vars(cfg), default=lambda o: vars(o) if hasattr(o, "__dict__") else list(o))))
+        save_adapters(model, a.save_adapters, finetune=jsonable(asdict(cfg)), metrics=metrics)
+        print(f"adapter weights saved to {a.save_adapters}")
     return metrics
 
 

@@ -74,6 +74,11 @@ class AdapterLayer(nn.Module):
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
+    def adapter_config(self) -> dict:
+        """What, besides the weights, defines the adapter's function (saved
+        with the weights and checked on load)."""
+        return {"type": type(self).__name__}
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (not the base layer's)."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
@@ -161,15 +166,23 @@ def save_adapters(model: nn.Module, path, **meta) -> None:
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model has no adapters to save")
-    atomic_save({"kind": "adapters", "state": state, "meta": meta}, path)
+    configs = {n: m.adapter_config() for n, m in adapter_layers(model)}
+    atomic_save({"kind": "adapters", "state": state, "configs": configs, "meta": meta}, path)
 
 
 def load_adapters(model: nn.Module, path) -> dict:
     """Load weights written by ``save_adapters`` into a model that already has
-    adapters of the same layout; returns the saved ``meta``."""
+    adapters of the same kind and settings; returns the saved ``meta``."""
     ckpt = safe_load(path, "adapter file")
     if ckpt.get("kind") != "adapters" or not isinstance(ckpt.get("state"), dict):
         raise ValueError(f"{path} is not an adapter file (keys: {sorted(ckpt)})")
+    layers = dict(adapter_layers(model))
+    if any(m.merged for m in layers.values()):
+        raise ValueError("unmerge the adapters before loading new weights into them")
+    for name, saved in ckpt.get("configs", {}).items():
+        own = layers[name].adapter_config() if name in layers else None
+        if own is not None and own != saved:
+            raise ValueError(f"{path}: adapter {name} was saved as {saved}, this model's is {own}")
     own = {f"{n}.{k}": p for n, m in adapter_layers(model) for k, p in m.adapter_parameters().items()}
     state = ckpt["state"]
     if set(own) != set(state):

@@ -8,6 +8,7 @@ and dicts, never arbitrary pickled code.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import asdict
@@ -16,6 +17,12 @@ from pathlib import Path
 import torch
 
 from .model import GPTConfig, TinyGPT
+
+
+def jsonable(d: dict) -> dict:
+    """A copy of ``d`` as JSON would store it (tuples become lists), safe to
+    put in a checkpoint that is loaded with ``weights_only=True``."""
+    return json.loads(json.dumps(d, default=list))
 
 
 def atomic_save(obj, path) -> None:

@@ -14,7 +14,9 @@ training any rank can be chosen with ``set_rank`` without retraining.
 "frozen" mode (the paper's default): components 1..b-1 take part in the
 forward but are detached, so only component b (row b of A, column b of B)
 gets gradient; the lower components keep what earlier steps taught them.
-Non-frozen mode trains all of 1..b.
+Non-frozen mode trains all of 1..b. (Frozen means zero gradient, not zero
+update: AdamW's momentum still moves a component for a while after its
+last gradient, as METHODS.md section 2 leaves it.)
 
 The per-step draw is not in the layer: ``with_rank_sampling(loss_fn)``
 wraps any loss function, so the shared training loop stays unchanged.
@@ -41,6 +43,9 @@ class DyLoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", frozen={self.frozen}, ranks={self.ranks}"
+
+    def adapter_config(self) -> dict:
+        return {**super().adapter_config(), "frozen": self.frozen, "ranks": list(self.ranks)}
 
     def factors(self):
         k = self.rank

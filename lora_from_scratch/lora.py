@@ -79,6 +79,9 @@ class LoRALinear(AdapterLayer):
     def extra_repr(self) -> str:
         return f"r={self.r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale_rule!r}"
 
+    def adapter_config(self) -> dict:
+        return {**super().adapter_config(), "r": self.r, "alpha": self.alpha, "scale": self.scale_rule}
+
     @property
     def scaling(self):
         """c(rank) (a float; MatryoshkaLoRA's training forward uses a vector)."""
@@ -136,13 +139,15 @@ class _LoRALinearFn(torch.autograd.Function):
         h = (x2 @ A.t()) * s  # (N, k)
         y = F.linear(x2, W, bias)  # (N, out)
         y.addmm_(h, B.t())  # y += h B^T, fused into the matmul
-        ctx.save_for_backward(x2, W, A, B, h, s if torch.is_tensor(s) else torch.tensor(s))
+        ctx.save_for_backward(x2, W, A, B, h, *([s] if torch.is_tensor(s) else []))
+        ctx.s = None if torch.is_tensor(s) else s  # a float scale stays an exact Python float
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, W, A, B, h, s = ctx.saved_tensors
+        x2, W, A, B, h, *rest = ctx.saved_tensors
+        s = rest[0] if rest else ctx.s
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
         gh = (B.t() @ g.t()).t() * s  # (N, k) = (g B) * s
         gx = gW = gb = gA = gB = None
@@ -173,9 +178,10 @@ def set_adapter_rank(model: nn.Module, r: int | None) -> None:
         m.set_rank(r)
 
 
-def evaluate_ranks(model: nn.Module, task, ranks) -> dict[int, float]:
+def evaluate_ranks(model: nn.Module, task, ranks, problems=None) -> dict[int, float]:
     """Greedy exact-match of the model with every adapter truncated to each
-    rank in ``ranks``. The adapters' ranks are restored afterwards."""
+    rank in ``ranks`` (on ``problems``, default the task's fixed test set).
+    The adapters' ranks are restored afterwards."""
     layers = [m for _, m in adapter_layers(model) if hasattr(m, "set_rank")]
     if not layers:
         raise ValueError("the model has no rank-based adapters (LoRA, DyLoRA, MatryoshkaLoRA)")
@@ -185,7 +191,7 @@ def evaluate_ranks(model: nn.Module, task, ranks) -> dict[int, float]:
         for r in ranks:
             for m in layers:
                 m.set_rank(int(r))
-            out[int(r)] = evaluate(model, task)
+            out[int(r)] = evaluate(model, task, problems)
     finally:
         for m, r in zip(layers, saved):
             m.rank = r

@@ -13,7 +13,11 @@ non-increasing: P_1 = sum_s c(s), and P_i = 0 for i > max S.
 
 Inference at sub-rank r' does not use P: it is the plain LoRA
 ``c(r') B[:, :r'] A[:r'] x`` (``set_rank(r')``; ``set_rank(None)`` returns
-to the training forward). Special cases: S = {R} gives P = c(R) I, plain
+to the training forward). Beware: a fresh layer is at ``rank=None``, and
+stays there in ``eval()`` mode, so ``evaluate``, ``merge`` and
+``delta_weight`` use the training function B diag(P) A, which is none of
+the nested LoRAs. Call ``set_rank(r)`` (or ``evaluate_ranks``) to get the
+rank-r model the method promises. Special cases: S = {R} gives P = c(R) I, plain
 LoRA; a random P_t = c(b) diag(1_b, 0) with b ~ Uniform(S) is non-frozen
 DyLoRA, whose average is P / |S|.
 
@@ -62,6 +66,9 @@ class MatryoshkaLoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", train_ranks={self.train_ranks}"
+
+    def adapter_config(self) -> dict:
+        return {**super().adapter_config(), "train_ranks": list(self.train_ranks)}
 
     @property
     def scaling(self):

@@ -32,9 +32,10 @@ class GPTConfig:
     block_size: int = 128  # longest sequence the position table covers
     n_layer: int = 2  # transformer blocks
     n_head: int = 4  # attention heads per block
-    n_embd: int = 128  # width of the residual stream
+    n_embd: int = 64  # width of the residual stream
     dropout: float = 0.0  # dropout on attention output and MLP output
     bias: bool = True  # biases in the linear layers
+    pos_init_std: float = 0.1  # init std of the position embeddings (GPT-2: 0.02; see TinyGPT.__init__)
     pad_id: int = 0  # id written after a row's <eos> during generation
     eos_id: int = 2  # generation stops a row when it writes this id
 
@@ -137,6 +138,12 @@ class TinyGPT(nn.Module):
             elif p.dim() >= 2:
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
+        # One change from GPT-2: larger position embeddings at init. Arithmetic
+        # is positional (the tens digit of the answer must attend to the tens
+        # digits of the operands), and with 0.02 positions start out nearly
+        # alike, so some runs sit for hundreds of steps with one answer digit
+        # wrong. benchmarks/pretrain_speed.py --pos-init-std 0.02 shows it.
+        nn.init.normal_(self.wpe.weight, 0.0, cfg.pos_init_std)
 
     def forward(self, idx, attention_mask=None, cache: KVCache | None = None):
         """Logits (B, T, vocab) for tokens ``idx`` (B, T).

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save, load_state_strict, safe_load
+from .checkpoint import atomic_save, jsonable, load_state_strict, safe_load
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
 
@@ -35,7 +35,7 @@ from .tokenizer import Tokenizer
 class TrainConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run counts from 0 too)
     lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0  # AdamW decay, applied to matrices only
+    weight_decay: float = 0.0  # AdamW decay on 2-d tensors (matrices, embeddings), not biases/norms
     betas: tuple = (0.9, 0.99)  # AdamW betas
     warmup_steps: int = 0  # linear warmup from 0 to lr
     schedule: str = "cosine"  # "cosine" (decay to min_lr_ratio * lr) or "constant"
@@ -54,6 +54,9 @@ class TrainConfig:
             raise ValueError(f"need steps >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.log_every < 1 or self.eval_every < 0 or self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise ValueError(f"need log_every >= 1 and eval_every, checkpoint_every, warmup_steps >= 0, got "
+                             f"{self.log_every}, {self.eval_every}, {self.checkpoint_every}, {self.warmup_steps}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_path:
             raise ValueError("checkpoint_every and resume need checkpoint_path")
 
@@ -117,6 +120,12 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         for key in ("model", "optimizer", "step", "rng"):
             if key not in ckpt:
                 raise ValueError(f"{cfg.checkpoint_path} is not a training checkpoint: no {key!r}")
+        saved = ckpt.get("train_config", {})
+        changed = [k for k in ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay")
+                   if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:  # the schedule is a function of these: resuming would silently change it
+            raise ValueError(f"{cfg.checkpoint_path} was written with other settings: "
+                             + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
         load_state_strict(model, ckpt["model"], cfg.checkpoint_path)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -160,7 +169,7 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             shown.update(scores)
         if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "train_config": _jsonable(asdict(cfg))},
+                         "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg))},
                         cfg.checkpoint_path)
     bar.close()
     if eval_fn is not None and not result.evals:  # e.g. resumed at the very end
@@ -183,10 +192,6 @@ def _skipping(it, n):
     for _ in range(n):  # a resumed run skips the batches already used
         next(it)
     return lambda: next(it)
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ----- supervised loss ----------------------------------------------------
@@ -215,5 +220,7 @@ def evaluate(model, task: Task, problems: list[Problem] | None = None, batch_siz
     """Greedy exact-match in [0, 1] on ``problems`` (default: the task's
     fixed evaluation set)."""
     problems = task.test_set() if problems is None else problems
+    if not problems:
+        raise ValueError("evaluate needs at least one problem")
     preds = predict(model, [p.prompt for p in problems], task.max_answer_tokens(), batch_size=batch_size)
     return sum(task.check(pr, p.answer) for pr, p in zip(preds, problems)) / len(problems)
