@@ -75,7 +75,11 @@ def run(a) -> dict:
     print(f"base: add {base_cfg.digits[0]} digits, exact-match {base_metrics.get('test_exact_match')}, "
           f"{base_metrics['path']}", flush=True)
     results = {"settings": vars(a), "ranks": ranks, "rows": {}}
-    jobs = [(name, kw, a.rank) for name, kw in METHOD_ROWS.items()]
+    names = a.methods.split(",")
+    unknown = [n for n in names if n not in METHOD_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {', '.join(METHOD_ROWS)}")
+    jobs = [(name, METHOD_ROWS[name], a.rank) for name in names]
     if not a.no_reference:
         jobs += [(f"lora@{r}", dict(method="lora"), r) for r in ranks]
     for name, kw, rank in jobs:
@@ -127,6 +131,10 @@ def summarise(results: dict) -> str:
         curve = [statistics.mean(v) for v in vals]
         lines.append(f"| lora@r (curve) | " + " | ".join(f"{c:.1f}" for c in curve)
                      + f" | {aurac([int(n[5:]) for n in ref], curve):.1f} | | |")
+    pf = [100 * s["p_forward"] for s in results["rows"].get("matryoshka", []) if "p_forward" in s]
+    if pf:
+        lines.append(f"\nMatryoshkaLoRA's training forward B diag(P) A (all of P, no truncation): "
+                     f"{statistics.mean(pf):.1f} ± {_sd(pf):.1f}% exact-match")
     return "\n".join(lines)
 
 
@@ -182,6 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     ap.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    ap.add_argument("--methods", default=",".join(METHOD_ROWS),
+                    help=f"rows to run (default {','.join(METHOD_ROWS)})")
     ap.add_argument("--no-reference", action="store_true", help="skip the lora@r rows (one training per rank)")
     ap.add_argument("--json", help="write all results to this JSON file")
     ap.add_argument("--plot", help="write the rank-accuracy figure to this PNG file (needs matplotlib)")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .adapters import save_adapters
 from .checkpoint import jsonable, load_model, save_model
-from .recipes import DEFAULT_CACHE, METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
-    pretrain, resolve_device
+from .recipes import METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
+    default_cache, pretrain, resolve_device
 from .tasks import DEFAULT_DIGITS, TASKS, Task, load_problems, save_problems
 from .train import evaluate, predict
 
@@ -91,7 +91,7 @@ def _pretrain_config(a) -> PretrainConfig:
 def cmd_pretrain(a) -> dict:
     cfg = _pretrain_config(a)
     model, metrics = pretrain(cfg)
-    out = Path(a.out) if a.out else DEFAULT_CACHE / cfg.cache_key()
+    out = Path(a.out) if a.out else default_cache() / cfg.cache_key()
     save_model(model, out, metrics=metrics, pretrain=jsonable(asdict(cfg)))
     print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps, "
           f"{metrics['seconds']:.1f} s; saved {out}")
@@ -153,7 +153,7 @@ def cmd_demo(a) -> dict:
     device = resolve_device(a.device)
     base_cfg = PretrainConfig(task="add", digits=a.digits, seed=a.seed, device=device, progress=not a.quiet)
     print(f"step 1: a base TinyGPT that adds {base_cfg.digits[0]}-digit numbers "
-          "(trained once, then cached in data/checkpoints/)")
+          f"(trained once, then cached in {a.cache_dir or default_cache()})")
     base, bm = load_or_pretrain(base_cfg, a.cache_dir)
     add = Task("add", base_cfg.digits)
     acc = evaluate(base, add)
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     _model_args(p)
-    p.add_argument("--out", help="checkpoint path (default: data/checkpoints/<settings>.pt)")
+    p.add_argument("--out", help="checkpoint path (default: <cache>/<settings>.pt, the cache being "
+                   "data/checkpoints/ or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
     p.set_defaults(fn=cmd_pretrain)
 
@@ -220,14 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-digits", help="digits of the cached base (default: the task's default)")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the cached base (default 0)")
     p.add_argument("--save-adapters", metavar="FILE", help="write the trained adapter weights to FILE")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where base checkpoints are cached")
+    p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
+                   "or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("demo", help="pretrain on addition, then fine-tune subtraction with LoRA")
     p.add_argument("--digits", default="2", help="operand digits (default 2)")
     p.add_argument("--finetune-steps", type=int, default=400, help="LoRA steps (default 400)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where base checkpoints are cached")
+    p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
+                   "or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
     p.set_defaults(fn=cmd_demo)
     return parser

@@ -66,6 +66,7 @@ class TrainResult:
     steps: int  # steps done when training stopped
     seconds: float  # wall time of this call
     losses: list = field(default_factory=list)  # loss of every step of this call
+    metrics: list = field(default_factory=list)  # loss_fn's metrics dict of every step of this call
     evals: list = field(default_factory=list)  # (step, metrics) of every evaluation
     final: dict = field(default_factory=dict)  # last evaluation's metrics
 
@@ -129,10 +130,12 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         load_state_strict(model, ckpt["model"], cfg.checkpoint_path)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = int(ckpt["step"])
     else:
         torch.manual_seed(cfg.seed)
-    get = batches if callable(batches) else _skipping(iter(batches), start)
+    get = batches if callable(batches) else _skipping(iter(batches), start)  # step -> batch
 
     result = TrainResult(steps=start, seconds=0.0)
     shown: dict = {}
@@ -143,7 +146,7 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         # Stage 2: one optimizer step
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = to_device(get(step) if callable(batches) else get(), device)
+        batch = to_device(get(step), device)
         loss, metrics = loss_fn(model, batch)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
@@ -155,6 +158,7 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         result.losses.append(loss_value)
+        result.metrics.append(metrics)
         result.steps = step + 1
 
         # Stage 3: show, evaluate, checkpoint
@@ -168,9 +172,11 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             result.final = scores
             shown.update(scores)
         if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            atomic_save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg))},
-                        cfg.checkpoint_path)
+            state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg))}
+            if torch.cuda.is_available():  # sampling on a GPU draws from its own generator
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            atomic_save(state, cfg.checkpoint_path)
     bar.close()
     if eval_fn is not None and not result.evals:  # e.g. resumed at the very end
         result.final = run_eval(model, eval_fn)
@@ -189,9 +195,11 @@ def run_eval(model, eval_fn) -> dict:
 
 
 def _skipping(it, n):
-    for _ in range(n):  # a resumed run skips the batches already used
+    """An iterator as a ``step -> batch`` function; a resumed run skips the
+    ``n`` batches already used."""
+    for _ in range(n):
         next(it)
-    return lambda: next(it)
+    return lambda step: next(it)
 
 
 # ----- supervised loss ----------------------------------------------------

@@ -139,3 +139,13 @@ def test_bad_train_config_and_empty_eval(tiny_model):
         TrainConfig(log_every=0)
     with pytest.raises(ValueError, match="at least one problem"):
         evaluate(tiny_model(), Task("add", 2), [])
+
+
+def test_batches_may_be_an_iterable(tiny_model):
+    get = train_batches(Task("add", 2), Tokenizer(), 16, seed=0)
+    a, b = tiny_model(seed=3), tiny_model(seed=3)
+    cfg = TrainConfig(steps=5, progress=False)
+    ra = train(a, sft_loss, get, cfg)
+    rb = train(b, sft_loss, [get(s) for s in range(5)], cfg)
+    assert ra.losses == rb.losses and _same(a, b)
+    assert len(rb.metrics) == 5
