@@ -14,8 +14,10 @@ frozen ``nn.Linear`` measured in the same run:
   plain layer's forward;
 - ``floor``: 1 + r (in + out) / (in * out), the extra FLOPs.
 
-Each time is the best of several repeats (interleaved, so background load
-hits every variant alike). Usage: ``python benchmarks/adapter_speed.py
+Each repeat times all variants back to back; the table gives the median
+over the repeats of each variant's ratio to the plain layer in the same
+repeat, so a machine that speeds up or slows down between repeats does not
+bias the ratios. Usage: ``python benchmarks/adapter_speed.py
 [--repeats 5] [--iters 20] [--json FILE]``.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -77,7 +80,7 @@ def peft_layer(base: nn.Linear, r: int, alpha: float):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="best of this many timings (default 5)")
+    ap.add_argument("--repeats", type=int, default=7, help="median over this many repeats (default 7)")
     ap.add_argument("--iters", type=int, default=20, help="iterations per timing (default 20)")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per batch (default 1024)")
     ap.add_argument("--dims", default="256,1024", help="widths d (default 256,1024)")
@@ -95,23 +98,27 @@ def main(argv=None) -> dict:
             composed = ComposedLoRA(ours)
             peft = peft_layer(nn.Linear(d, d).requires_grad_(False), r, 16)
             x = torch.randn(a.tokens, d, requires_grad=True)
-            best = {k: float("inf") for k in ("plain", "ours", "autograd", "peft", "plain_fwd", "merged_fwd")}
+            # Each repeat times every variant back to back and keeps the ratios
+            # to the plain layer of that same repeat; the median ratio over the
+            # repeats is reported, so slow drifts of the machine cancel out.
+            ratios = {k: [] for k in ("ours", "autograd", "peft", "merged")}
+            plain_ms = []
             for _ in range(a.repeats):
-                best["plain"] = min(best["plain"], time_fwd_bwd(plain, x, a.iters))
-                best["ours"] = min(best["ours"], time_fwd_bwd(ours, x, a.iters))
-                best["autograd"] = min(best["autograd"], time_fwd_bwd(composed, x, a.iters))
+                t_plain = time_fwd_bwd(plain, x, a.iters)
+                plain_ms.append(1e3 * t_plain)
+                ratios["ours"].append(time_fwd_bwd(ours, x, a.iters) / t_plain)
+                ratios["autograd"].append(time_fwd_bwd(composed, x, a.iters) / t_plain)
                 if peft is not None:
-                    best["peft"] = min(best["peft"], time_fwd_bwd(peft, x, a.iters))
+                    ratios["peft"].append(time_fwd_bwd(peft, x, a.iters) / t_plain)
                 ours.merge()
-                best["merged_fwd"] = min(best["merged_fwd"], time_fwd(ours, x, a.iters))
+                t_merged = time_fwd(ours, x, a.iters)
                 ours.unmerge()
-                best["plain_fwd"] = min(best["plain_fwd"], time_fwd(plain, x, a.iters))
-            row = {"d": d, "r": r, "plain_ms": 1e3 * best["plain"],
-                   "ours": best["ours"] / best["plain"], "autograd": best["autograd"] / best["plain"],
-                   "peft": best["peft"] / best["plain"] if peft is not None else None,
-                   "merged": best["merged_fwd"] / best["plain_fwd"], "floor": 1 + r * 2 * d / (d * d)}
+                ratios["merged"].append(t_merged / time_fwd(plain, x, a.iters))
+            med = {k: statistics.median(v) if v else None for k, v in ratios.items()}
+            row = {"d": d, "r": r, "plain_ms": statistics.median(plain_ms), **med,
+                   "floor": 1 + r * 2 * d / (d * d)}
             rows.append(row)
-    print(f"forward+backward of {a.tokens} tokens, time / frozen nn.Linear (best of {a.repeats}), "
+    print(f"forward+backward of {a.tokens} tokens, time / frozen nn.Linear (median of {a.repeats} repeats), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| d | r | nn.Linear ms | LoRALinear | autograd LoRA | HF PEFT | merged (fwd) | FLOP floor |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -151,7 +151,7 @@ def plot(results: dict, path: str) -> None:
         print("matplotlib is not installed (pip install -e '.[plots]'): no figure")
         return
     ranks = results["ranks"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for name, per_seed in results["rows"].items():
         if name.startswith("lora@"):
             continue
@@ -167,8 +167,10 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("rank used at evaluation")
     ax.set_ylabel("test exact-match (%)")
     s = results["settings"]
-    ax.set_title(f"{s['task']} {s['digits'] or ''}, R={s['rank']}, {s['steps']} steps, seeds {s['seeds']}")
-    ax.legend()
+    task = Task(s["task"], s["digits"])
+    ax.set_title(f"{task.name} {task.digits[0]}-digit, R={s['rank']}, {s['steps']} steps, "
+                 f"mean of seeds {s['seeds']}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -195,12 +197,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-reference", action="store_true", help="skip the lora@r rows (one training per rank)")
     ap.add_argument("--json", help="write all results to this JSON file")
     ap.add_argument("--plot", help="write the rank-accuracy figure to this PNG file (needs matplotlib)")
+    ap.add_argument("--from-json", metavar="FILE", help="re-print and re-plot results saved by --json; no training")
     a = ap.parse_args(argv)
-    results = run(a)
+    results = json.loads(Path(a.from_json).read_text()) if a.from_json else run(a)
+    if a.from_json:  # JSON keys are strings
+        for per_seed in results["rows"].values():
+            for s in per_seed:
+                s["by_rank"] = {int(r): v for r, v in s["by_rank"].items()}
     table = summarise(results)
     print("\nexact-match (%) by evaluation rank, mean ± sd over seeds\n")
     print(table)
-    if a.json:
+    if a.json and not a.from_json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({**results, "table": table}, indent=2))
     if a.plot:

@@ -84,7 +84,7 @@ def cmd_data(a) -> dict:
 def _pretrain_config(a) -> PretrainConfig:
     return PretrainConfig(task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                           n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, pos_init_std=a.pos_init_std,
-                          seed=a.seed,
+                          eval_every=a.eval_every, seed=a.seed,
                           device=resolve_device(a.device), progress=not a.quiet)
 
 
@@ -186,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a base TinyGPT from scratch on one task")
     _task_args(p, "add")
     p.add_argument("--steps", type=int, help="optimizer steps (default: tuned per task size)")
-    p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
+    p.add_argument("--batch-size", type=int, help="problems per step (default: tuned per task size, else 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     _model_args(p)
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N steps and report when accuracy arrives (default 0: only at the end)")
     p.add_argument("--out", help="checkpoint path (default: <cache>/<settings>.pt, the cache being "
                    "data/checkpoints/ or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
