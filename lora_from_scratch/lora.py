@@ -36,6 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import AdapterLayer, adapter_layers
+# The model-level helpers live in adapters.py (every adapter shares them);
+# they are importable from here too, where issue 3's interface names them.
+from .adapters import adapters_disabled, add_adapters, merge_adapters, trainable_parameters  # noqa: F401
+from .adapters import load_adapters, save_adapters, unmerge_adapters  # noqa: F401
 from .train import evaluate
 
 SCALE_RULES = ("lora", "rslora", "none")

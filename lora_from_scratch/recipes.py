@@ -28,7 +28,6 @@ from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, sft_loss, train
 
 
-
 def default_cache() -> Path:
     """Where base checkpoints are cached: $LORA_FROM_SCRATCH_CACHE, else the
     checkout's data/checkpoints/ (editable install), else ./data/checkpoints/."""

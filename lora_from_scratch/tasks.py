@@ -164,11 +164,13 @@ class Task:
             ra, rb = self._ranges(op)
             a, b = self._order(op, rng.choice(ra), rng.choice(rb))
             if self.is_test(op, a, b) == want_test:
-                extra = {}
-                if self.name == "wordprob":
-                    extra = dict(template=rng.randrange(3), name=rng.randrange(len(NAMES)),
-                                 obj=rng.randrange(len(OBJECTS)))
-                return self.make(op, a, b, **extra)
+                return self.make(op, a, b, **self._wording(rng))
+
+    def _wording(self, rng: random.Random) -> dict:
+        """A random template, name and object for a word problem; nothing for arithmetic."""
+        if self.name != "wordprob":
+            return {}
+        return dict(template=rng.randrange(3), name=rng.randrange(len(NAMES)), obj=rng.randrange(len(OBJECTS)))
 
     def sample_train(self, n: int, seed: int) -> list[Problem]:
         """``n`` training problems drawn with replacement; same seed, same list."""
@@ -192,14 +194,7 @@ class Task:
                 seen = {self._order(op, a, b) for a in ra for b in rb}
                 cands += sorted((op, a, b) for a, b in seen if self.is_test(op, a, b))
             rng.shuffle(cands)
-            out = []
-            for op, a, b in cands[:n]:
-                extra = {}
-                if self.name == "wordprob":
-                    extra = dict(template=rng.randrange(3), name=rng.randrange(len(NAMES)),
-                                 obj=rng.randrange(len(OBJECTS)))
-                out.append(self.make(op, a, b, **extra))
-            return out
+            return [self.make(op, a, b, **self._wording(rng)) for op, a, b in cands[:n]]
         out, seen_prompts = [], set()
         while len(out) < n:
             p = self._draw(rng, want_test=True)
