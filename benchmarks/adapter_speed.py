@@ -12,7 +12,11 @@ frozen ``nn.Linear`` measured in the same run:
   benchmark-only: ``pip install peft``);
 - ``merged``: ``LoRALinear`` after ``merge()``, forward only, against the
   plain layer's forward;
-- ``floor``: 1 + r (in + out) / (in * out), the extra FLOPs.
+- ``floor``: 1 + r (in + out) / (in * out), the extra forward FLOPs (the
+  issue's yardstick), and ``fwd+bwd floor``: 1 + 3 r (in + out) / (2 in out),
+  the extra FLOPs of what is timed. The frozen layer costs in*out per token
+  forward and in*out backward (dL/dx only); LoRA adds r (in + out) forward
+  and 2 r (in + out) backward (dL/dA, dL/dB, and dL/dx through A and B).
 
 Each repeat times all variants back to back; the table gives the median
 over the repeats of each variant's ratio to the plain layer in the same
@@ -24,7 +28,6 @@ bias the ratios. Usage: ``python benchmarks/adapter_speed.py
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from lora_from_scratch.adapters import AdapterLayer
+from lora_from_scratch.checkpoint import write_json
 from lora_from_scratch.lora import LoRALinear
 
 
@@ -116,19 +120,19 @@ def main(argv=None) -> dict:
                 ratios["merged"].append(t_merged / time_fwd(plain, x, a.iters))
             med = {k: statistics.median(v) if v else None for k, v in ratios.items()}
             row = {"d": d, "r": r, "plain_ms": statistics.median(plain_ms), **med,
-                   "floor": 1 + r * 2 * d / (d * d)}
+                   "floor": 1 + r * (d + d) / (d * d), "floor_fwd_bwd": 1 + 3 * r * (d + d) / (2 * d * d)}
             rows.append(row)
     print(f"forward+backward of {a.tokens} tokens, time / frozen nn.Linear (median of {a.repeats} repeats), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| d | r | nn.Linear ms | LoRALinear | autograd LoRA | HF PEFT | merged (fwd) | FLOP floor |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| d | r | nn.Linear ms | LoRALinear | autograd LoRA | HF PEFT | merged (fwd) | FLOP floor (fwd) "
+          "| FLOP floor (fwd+bwd) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in rows:
         peft_s = f"{w['peft']:.3f}x" if w["peft"] is not None else "not installed"
         print(f"| {w['d']} | {w['r']} | {w['plain_ms']:.2f} | {w['ours']:.3f}x | {w['autograd']:.3f}x | {peft_s} "
-              f"| {w['merged']:.3f}x | {w['floor']:.3f}x |")
+              f"| {w['merged']:.3f}x | {w['floor']:.3f}x | {w['floor_fwd_bwd']:.3f}x |")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(a.json, rows)
     return {"rows": rows}
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lora_from_scratch.checkpoint import write_json
 from lora_from_scratch.model import GPTConfig, TinyGPT
-from lora_from_scratch.recipes import PretrainConfig
 from lora_from_scratch.tasks import Task
 from lora_from_scratch.tokenizer import Tokenizer
 
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
                               f">= 99% after {_fmt(run.get('time_to_99'))} s of training", flush=True)
         results["generation"] = [generation_throughput(t) for t in ("add", "wordprob")]
         if a.json:
-            Path(a.json).write_text(json.dumps(results, indent=2))
+            write_json(a.json, results)
     print_tables(results)
     return results
 

@@ -9,8 +9,8 @@ test set), and the curve is summarised by AURAC (log2 ranks, in %).
 
 Rows:
 - ``lora``: plain LoRA at rank R, truncated at evaluation;
-- ``dylora``: DyLoRA, frozen mode (one sampled rank per step, only that
-  component learns), and ``dylora-nf``: non-frozen mode;
+- ``dylora``: DyLoRA, frozen mode (one rank b per step, uniform over
+  1..R, only component b learns), and ``dylora-nf``: non-frozen mode;
 - ``matryoshka``: MatryoshkaLoRA with S = {1, 2, 4, ..., R};
 - ``matryoshka, P kept``: a diagnostic, not the method's inference rule
   (which drops P): the training forward B diag(P) A truncated to r
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from lora_from_scratch.adapters import adapter_layers
+from lora_from_scratch.checkpoint import write_json
 from lora_from_scratch.matryoshka import MatryoshkaLoRALinear, aurac
 from lora_from_scratch.recipes import FinetuneConfig, PretrainConfig, finetune, load_or_pretrain
 from lora_from_scratch.tasks import Task
@@ -69,7 +70,10 @@ def p_truncated(model, task, ranks) -> dict[int, float]:
 
 
 def run(a) -> dict:
-    ranks = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= a.rank]
+    if a.rank < 1:
+        raise SystemExit(f"--rank must be >= 1, got {a.rank}")
+    # evaluation ranks {1, 2, 4, ...} up to R, and R itself when it is not a power of two
+    ranks = sorted({2 ** i for i in range(a.rank.bit_length()) if 2 ** i <= a.rank} | {a.rank})
     base_cfg = PretrainConfig(task="add", digits=a.base_digits, seed=0, progress=False)
     base, base_metrics = load_or_pretrain(base_cfg)
     print(f"base: add {base_cfg.digits[0]} digits, exact-match {base_metrics.get('test_exact_match')}, "
@@ -85,7 +89,10 @@ def run(a) -> dict:
     for name, kw, rank in jobs:
         per_seed = []
         for seed in map(int, a.seeds.split(",")):
-            cfg = FinetuneConfig(rank=rank, alpha=a.alpha, scale=a.scale, train_ranks=tuple(ranks),
+            # S = {1, 2, 4, ..., R} for MatryoshkaLoRA; DyLoRA samples b from 1..R
+            # (its default, METHODS.md section 2); LoRA has no rank set
+            train_ranks = tuple(ranks) if kw["method"] == "matryoshka" else None
+            cfg = FinetuneConfig(rank=rank, alpha=a.alpha, scale=a.scale, train_ranks=train_ranks,
                                  task=a.task, digits=a.digits,
                                  steps=a.steps, lr=a.lr, batch_size=a.batch_size, base=base_cfg,
                                  eval_ranks=tuple(r for r in ranks if r <= rank), seed=seed, progress=False, **kw)
@@ -129,7 +136,7 @@ def summarise(results: dict) -> str:
     if ref:  # the reference curve: each rank trained on its own
         vals = [[100 * s["by_rank"][int(n[5:])] for s in results["rows"][n]] for n in ref]
         curve = [statistics.mean(v) for v in vals]
-        lines.append(f"| lora@r (curve) | " + " | ".join(f"{c:.1f}" for c in curve)
+        lines.append("| lora@r (curve) | " + " | ".join(f"{c:.1f}" for c in curve)
                      + f" | {aurac([int(n[5:]) for n in ref], curve):.1f} | | |")
     pf = [100 * s["p_forward"] for s in results["rows"].get("matryoshka", []) if "p_forward" in s]
     if pf:
@@ -208,8 +215,7 @@ def main(argv=None) -> dict:
     print("\nexact-match (%) by evaluation rank, mean ± sd over seeds\n")
     print(table)
     if a.json and not a.from_json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({**results, "table": table}, indent=2))
+        write_json(a.json, {**results, "table": table})
     if a.plot:
         plot(results, a.plot)
     return results

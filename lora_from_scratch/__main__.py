@@ -14,14 +14,13 @@ test_exact_match and seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .adapters import save_adapters
-from .checkpoint import jsonable, load_model, save_model
+from .checkpoint import jsonable, load_model, save_model, write_json
 from .recipes import METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     default_cache, pretrain, resolve_device
 from .tasks import DEFAULT_DIGITS, TASKS, Task, load_problems, save_problems
@@ -52,13 +51,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _write_metrics(path, metrics: dict) -> None:
-    if not path:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    if path:
+        write_json(path, dict(sorted(metrics.items())))
 
 
 def _samples(model, task: Task, n: int, problems=None) -> list[str]:
@@ -143,7 +137,8 @@ def cmd_finetune(a) -> dict:
     model, metrics = finetune(cfg, base_model, cache_dir=a.cache_dir)
     _print_rank_table(metrics)
     if a.save_adapters:
-        save_adapters(model, a.save_adapters, finetune=jsonable(asdict(cfg)), metrics=metrics)
+        save_adapters(model, a.save_adapters, finetune=jsonable(asdict(cfg)), metrics=metrics,
+                      base_checkpoint=a.base)  # when set, the base used (cfg.base then describes no model)
         print(f"adapter weights saved to {a.save_adapters}")
     return metrics
 
@@ -244,7 +239,7 @@ def main(argv=None) -> int:
         import torch
         torch.manual_seed(a.seed)
         metrics = a.fn(a)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _write_metrics(a.metrics_out, {"command": a.command, **metrics})

@@ -112,30 +112,37 @@ def add_adapters(model: nn.Module, make_adapter, targets="all-linear") -> list[s
                              f"available names: {short} (or full names like {next(iter(linears), '?')!r}, "
                              "or 'all-linear')")
     chosen = [n for n in linears if targets is None or any(t == n or t == n.rsplit(".", 1)[-1] for t in targets)]
-    model.requires_grad_(False)  # freeze everything; new adapter parameters train
-    for name in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        adapter = make_adapter(linears[name])
+    # build every adapter before touching the model, so a bad rank for one
+    # layer leaves the model as it was
+    adapters = {name: make_adapter(linears[name]) for name in chosen}
+    for adapter in adapters.values():
         if not isinstance(adapter, AdapterLayer):
             raise TypeError(f"make_adapter must return an AdapterLayer, got {type(adapter).__name__}")
+    model.requires_grad_(False)  # freeze everything ...
+    for name, adapter in adapters.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter.requires_grad_(True)  # ... but the adapters' own parameters
+        adapter.base.requires_grad_(False)
         setattr(parent, attr, adapter)
     return chosen
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
-    """Inside this block the model computes exactly its base function."""
+    """Inside this block the model computes its base function (exactly when
+    unmerged; to float rounding when the adapters were merged, since
+    unmerging subtracts what merging added). Blocks may nest."""
     layers = [m for _, m in adapter_layers(model)]
-    was_merged = [m.merged for m in layers]
+    before = [(m.merged, m.disabled) for m in layers]
     for m in layers:
         m.unmerge()
         m.disabled = True
     try:
         yield model
     finally:
-        for m, merged in zip(layers, was_merged):
-            m.disabled = False
+        for m, (merged, disabled) in zip(layers, before):
+            m.disabled = disabled
             if merged:
                 m.merge()
 
@@ -161,18 +168,56 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, p in m.adapter_parameters().items()}
 
 
+def base_signature(model: nn.Module) -> dict[str, list[float]] | None:
+    """Three numbers per tensor of the model that is not an adapter parameter
+    (its sum, its sum of squares and a fixed weighted sum that notices
+    reordering): enough to tell one base model from another, yet tolerant of
+    the float rounding that a merge followed by an unmerge leaves behind,
+    which an exact hash would not be. None while adapters are merged (the
+    base weights then hold their update)."""
+    layers = adapter_layers(model)
+    if any(m.merged for _, m in layers):
+        return None
+    own = {f"{n}.{k}" for n, m in layers for k in m.adapter_parameters()}
+    sig = {}
+    for k, t in model.state_dict().items():
+        if k in own or not t.is_floating_point():
+            continue
+        v = t.detach().double().flatten().cpu()
+        w = torch.cos(torch.arange(v.numel(), dtype=torch.float64))
+        # "q_proj.base.weight" and a plain "q_proj.weight" are the same weight
+        sig[k.replace(".base.", ".")] = [v.sum().item(), (v * v).sum().item(), (v * w).sum().item()]
+    return sig
+
+
+def _same_base(saved: dict, own: dict) -> str | None:
+    """None when two signatures agree to float rounding, else the first
+    tensor that differs."""
+    if saved.keys() != own.keys():
+        return f"its tensors {sorted(saved.keys() ^ own.keys())[:4]}"
+    for k in saved:
+        if not torch.allclose(torch.tensor(saved[k]), torch.tensor(own[k]), rtol=1e-4, atol=1e-4):
+            return k
+    return None
+
+
 def save_adapters(model: nn.Module, path, **meta) -> None:
-    """Write the adapter weights (and JSON-able ``meta``) atomically."""
+    """Write the adapter weights, their settings, a fingerprint of the base
+    model and any JSON-able ``meta``, atomically."""
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model has no adapters to save")
     configs = {n: m.adapter_config() for n, m in adapter_layers(model)}
-    atomic_save({"kind": "adapters", "state": state, "configs": configs, "meta": meta}, path)
+    atomic_save({"kind": "adapters", "state": state, "configs": configs, "base": base_signature(model),
+                 "meta": meta}, path)
 
 
-def load_adapters(model: nn.Module, path) -> dict:
+def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
     """Load weights written by ``save_adapters`` into a model that already has
-    adapters of the same kind and settings; returns the saved ``meta``."""
+    adapters of the same kind and settings; returns the saved ``meta``.
+    With ``check_base``, the model's base weights must be the ones the
+    adapters were saved with (pass False to move adapters to another base
+    on purpose)."""
     ckpt = safe_load(path, "adapter file")
     if ckpt.get("kind") != "adapters" or not isinstance(ckpt.get("state"), dict):
         raise ValueError(f"{path} is not an adapter file (keys: {sorted(ckpt)})")
@@ -191,6 +236,11 @@ def load_adapters(model: nn.Module, path) -> dict:
     for k, p in own.items():
         if p.shape != state[k].shape:
             raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model's adapter has {tuple(p.shape)}")
+    own_base = base_signature(model) if check_base and ckpt.get("base") else None
+    differs = _same_base(ckpt["base"], own_base) if own_base else None
+    if differs:
+        raise ValueError(f"{path} was saved on another base model ({differs} differs from this model's); "
+                         "pass check_base=False to load it anyway")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])

@@ -33,11 +33,26 @@ def atomic_save(obj, path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON through a temp file and a rename, so a
+    crash never leaves a half-written metrics or results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def safe_load(path, what: str = "checkpoint") -> dict:

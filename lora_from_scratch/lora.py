@@ -57,6 +57,8 @@ def lora_scale(rank: int, alpha: float, rule: str = "lora") -> float:
 
 
 def check_rank(r, base: nn.Linear) -> None:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
     limit = min(base.in_features, base.out_features)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
         raise ValueError(f"rank must be an int in 1..min(in, out) = 1..{limit} for a "
@@ -65,11 +67,12 @@ def check_rank(r, base: nn.Linear) -> None:
 
 class LoRALinear(AdapterLayer):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scale: str = "lora"):
-        super().__init__(base)
+        # check everything before super().__init__ freezes the base layer
         check_rank(r, base)
         lora_scale(r, alpha, scale)  # rejects an unknown rule now, not at the first forward
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        super().__init__(base)
         self.r = r  # the maximum rank: rows of A, columns of B
         self.alpha = float(alpha)
         self.scale_rule = scale
@@ -139,14 +142,23 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, bias, A, B, s):
+        if torch.is_tensor(s) and s.requires_grad:
+            raise ValueError("the scale s is a constant here (its gradient is not computed)")
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         h = (x2 @ A.t()) * s  # (N, k)
-        y = F.linear(x2, W, bias)  # (N, out)
-        y.addmm_(h, B.t())  # y += h B^T, fused into the matmul
+        # y is a fresh tensor of the output's shape (not a view), written
+        # through a 2-d view of it, so callers may modify it in place
+        y = x.new_empty(*x.shape[:-1], W.shape[0])  # (..., out)
+        y2 = y.view(-1, W.shape[0])  # (N, out)
+        if bias is None:
+            torch.mm(x2, W.t(), out=y2)
+        else:
+            torch.addmm(bias, x2, W.t(), out=y2)
+        y2.addmm_(h, B.t())  # y += h B^T, fused into the matmul
         ctx.save_for_backward(x2, W, A, B, h, *([s] if torch.is_tensor(s) else []))
         ctx.s = None if torch.is_tensor(s) else s  # a float scale stays an exact Python float
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, gy):

@@ -86,10 +86,10 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer][:, :, start:end] = k
             cache.v[layer][:, :, start:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        # mask is None means "plain causal, nothing padded"
+        # mask is None means "plain causal, nothing padded" (TinyGPT.forward
+        # only passes None when queries and keys start at the same position,
+        # or when a single new token may see every key)
         is_causal = mask is None and T > 1
-        if mask is None and cache is not None and cache.length > 0 and T > 1:
-            raise ValueError("several new tokens after a non-empty cache need an attention mask")
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -159,14 +159,16 @@ class TinyGPT(nn.Module):
             raise ValueError(f"sequence of {S} tokens is longer than block_size={self.config.block_size}")
         if cache is not None and S > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens, {S} needed")
-        if attention_mask is not None and bool(attention_mask.all()):
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must be (B, past + T) = {(B, S)}, got {tuple(attention_mask.shape)}")
+        if attention_mask is None and past > 0 and T > 1:  # a chunk after a cache needs the offset mask
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=idx.device)
+        elif attention_mask is not None and (past == 0 or T == 1) and bool(attention_mask.all()):
             attention_mask = None  # nothing padded: take the fast causal path
         if attention_mask is None:
             pos = torch.arange(past, S, device=idx.device).expand(B, T)
             mask = None
         else:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask must be (B, past + T) = {(B, S)}, got {tuple(attention_mask.shape)}")
             keep = attention_mask.bool()
             pos = (keep.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
             # query t (absolute past + t) sees key s if s <= past + t and s is
@@ -211,6 +213,13 @@ class TinyGPT(nn.Module):
                 mask[i, T0 - len(p):] = 1
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if ids.shape[1] + max_new_tokens - 1 > cfg.block_size:
+            raise ValueError(f"a {ids.shape[1]}-token prompt plus {max_new_tokens} new tokens does not fit "
+                             f"block_size={cfg.block_size}")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("prompts must be left-padded: the last column of attention_mask must be all 1")
         B = ids.shape[0]
         cache = KVCache(cfg, B, ids.shape[1] + max_new_tokens, device, self.wte.weight.dtype) if use_cache else None
         was_training = self.training

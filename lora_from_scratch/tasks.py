@@ -18,10 +18,12 @@ Answer format (task options, the same for every task):
 Operands of an n-digit task run over 0..10**n - 1 (word problems: 1..10**n - 1).
 ``sub`` keeps ``a >= b`` so the answer is never negative.
 
-Train/test split: a pair of operands is a test pair when a fixed integer hash
-of ``(task, op, a, b)`` falls in the lowest 10%. The split depends on the
-operands alone, so a test pair never appears in training under any template.
-The fixed evaluation set is 500 test problems drawn with a fixed seed.
+Train/test split: ``a op b`` is a test problem when a fixed integer hash of
+``(op, a, b)`` falls in the lowest 10%. The split depends on the operation and
+the operands alone, not on the task or the wording, so a test pair never
+appears in training under any template, nor in another task's training set
+(a base pretrained on ``add`` has not seen the sums of the ``wordprob`` test
+set). The fixed evaluation set is 500 test problems drawn with a fixed seed.
 """
 
 from __future__ import annotations
@@ -125,8 +127,11 @@ class Task:
         return (max(a, b), min(a, b)) if op == "-" else (a, b)
 
     def is_test(self, op: str, a: int, b: int) -> bool:
-        """True when the pair (a, b) belongs to the test split."""
-        return _mix(TASKS.index(self.name), ord(op), a, b) % 1000 < TEST_FRACTION * 1000
+        """True when ``a op b`` belongs to the test split. The task is not part
+        of the hash: "12+7" is a test pair for ``add`` and for the word
+        problems alike, so a base pretrained on ``add`` never trained on the
+        arithmetic of a word problem it is tested on."""
+        return _mix(ord(op), a, b) % 1000 < TEST_FRACTION * 1000
 
     # ----- text -----------------------------------------------------------
     def answer_width(self, op: str) -> int:
@@ -282,11 +287,15 @@ def train_batches(task: Task, tok: Tokenizer, batch_size: int, seed: int):
 def save_problems(problems: list[Problem], path) -> None:
     """Write problems as JSON lines (atomically: temp file, then rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for p in problems:
-            f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for p in problems:
+                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_problems(path, tok: Tokenizer | None = None) -> list[Problem]:

@@ -122,11 +122,14 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             if key not in ckpt:
                 raise ValueError(f"{cfg.checkpoint_path} is not a training checkpoint: no {key!r}")
         saved = ckpt.get("train_config", {})
-        changed = [k for k in ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay")
-                   if k in saved and saved[k] != getattr(cfg, k)]
-        if changed:  # the schedule is a function of these: resuming would silently change it
+        changed = [k for k in ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
+                               "grad_clip") if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:  # the run is a function of these: resuming would silently change it
             raise ValueError(f"{cfg.checkpoint_path} was written with other settings: "
                              + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
+        if "adapters" in ckpt and ckpt["adapters"] != adapter_configs(model):
+            raise ValueError(f"{cfg.checkpoint_path} was written for other adapters: {ckpt['adapters']}, "
+                             f"this model has {adapter_configs(model)}")
         load_state_strict(model, ckpt["model"], cfg.checkpoint_path)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -173,7 +176,8 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             shown.update(scores)
         if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg))}
+                     "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg)),
+                     "adapters": adapter_configs(model)}
             if torch.cuda.is_available():  # sampling on a GPU draws from its own generator
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_save(state, cfg.checkpoint_path)
@@ -182,6 +186,13 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         result.final = run_eval(model, eval_fn)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def adapter_configs(model) -> dict:
+    """``adapter_config()`` of every module that has one (adapters: their type,
+    rank, alpha, scale rule...), so a resume can refuse a different setup
+    whose parameters happen to have the same names and shapes."""
+    return jsonable({n: m.adapter_config() for n, m in model.named_modules() if hasattr(m, "adapter_config")})
 
 
 def run_eval(model, eval_fn) -> dict:
@@ -230,5 +241,8 @@ def evaluate(model, task: Task, problems: list[Problem] | None = None, batch_siz
     problems = task.test_set() if problems is None else problems
     if not problems:
         raise ValueError("evaluate needs at least one problem")
-    preds = predict(model, [p.prompt for p in problems], task.max_answer_tokens(), batch_size=batch_size)
+    # room for the longest answer the task can have, or that these problems have, and <eos>
+    longest = max(len(p.answer) for p in problems) + 1
+    preds = predict(model, [p.prompt for p in problems], max(task.max_answer_tokens(), longest),
+                    batch_size=batch_size)
     return sum(task.check(pr, p.answer) for pr, p in zip(preds, problems)) / len(problems)

@@ -183,6 +183,9 @@ def test_adapters_disabled_gives_the_base_model(tiny_model):
     assert not torch.allclose(adapted, expected, atol=1e-4)
     with adapters_disabled(m):
         assert torch.allclose(m(ids), expected, atol=1e-6)
+        with adapters_disabled(m):  # blocks nest
+            pass
+        assert torch.allclose(m(ids), expected, atol=1e-6)  # still the base after the inner block
     assert torch.allclose(m(ids), adapted)
     merge_adapters(m)  # also when merged: unmerge inside, merge again after
     with adapters_disabled(m):
@@ -341,3 +344,41 @@ def test_aurac_worked_example_and_edge_cases():
         aurac([1, 2], [1, 2], x="log10")
     with pytest.raises(ValueError, match="distinct"):
         aurac([2, 2], [1, 2])
+
+
+def test_adapters_refuse_another_base_unless_asked(tiny_model, tmp_path):
+    m = tiny_model(seed=0)
+    add_adapters(m, lambda lin: _trained(LoRALinear(lin, 4, 8)), "q_proj")
+    save_adapters(m, tmp_path / "a.pt")
+    other = tiny_model(seed=1)  # another base, same shapes
+    add_adapters(other, lambda lin: LoRALinear(lin, 4, 8), "q_proj")
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapters(other, tmp_path / "a.pt")
+    load_adapters(other, tmp_path / "a.pt", check_base=False)
+    assert torch.equal(other.blocks[0].attn.q_proj.lora_B, m.blocks[0].attn.q_proj.lora_B)
+    # a merge and an unmerge leave float rounding in the base weights: still the same base
+    merge_adapters(m)
+    unmerge_adapters(m)
+    save_adapters(m, tmp_path / "b.pt")
+    same = tiny_model(seed=0)
+    add_adapters(same, lambda lin: LoRALinear(lin, 4, 8), "q_proj")
+    load_adapters(same, tmp_path / "b.pt")
+
+
+def test_failed_add_adapters_leaves_model_alone(tiny_model):
+    fresh = tiny_model()
+    with pytest.raises(ValueError, match=r"1\.\.32"):  # up_proj (32->128) takes rank 32, down_proj too; 40 fits none
+        add_adapters(fresh, lambda lin: LoRALinear(lin, 40, 8), ("q_proj", "up_proj"))
+    assert all(p.requires_grad for p in fresh.parameters())  # untouched: nothing frozen, nothing swapped
+    assert not any(isinstance(x, AdapterLayer) for x in fresh.modules())
+
+
+def test_lora_output_can_be_modified_in_place():
+    layer = _trained(LoRALinear(_linear(), 4, 8))
+    x = torch.randn(2, 3, 12)
+    y = layer(x)
+    expected = y.detach() + 1
+    y.add_(1)
+    assert torch.equal(y.detach(), expected)
+    with pytest.raises(ValueError, match="constant"):
+        lora_linear(x, layer.base.weight, None, layer.lora_A, layer.lora_B, torch.ones(4, requires_grad=True))

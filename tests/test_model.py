@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lora_from_scratch.model import GPTConfig, KVCache, TinyGPT
+from lora_from_scratch.model import GPTConfig, KVCache
 from lora_from_scratch.tasks import Task
 
 
@@ -96,3 +96,27 @@ def test_cache_prefill_then_step_matches_full_forward(tiny_model):
     first = m(ids[:, :6], cache=cache)
     rest = [m(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
     assert torch.allclose(torch.cat([first] + rest, 1), full, atol=1e-5)
+
+
+def test_chunked_prefill_after_a_cache_with_or_without_mask(tiny_model):
+    m = tiny_model(n_layer=2).eval()
+    ids = torch.randint(3, 40, (2, 9))
+    full = m(ids)
+    for mask in (None, torch.ones(2, 9, dtype=torch.long)):
+        cache = KVCache(m.config, 2, 9)
+        first = m(ids[:, :3], None if mask is None else mask[:, :3], cache=cache)
+        second = m(ids[:, 3:], mask, cache=cache)  # six tokens after three cached ones
+        assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, past \+ T\)"):
+        m(ids, torch.ones(2, 99))
+
+
+def test_generate_checks_lengths_and_padding_side(tiny_model):
+    m = tiny_model(block_size=16)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        m.generate([[1, 2]], 0)
+    with pytest.raises(ValueError, match="does not fit block_size=16"):
+        m.generate([[1] * 10], 8)
+    right_padded = torch.tensor([[1, 5, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        m.generate(right_padded, 2, attention_mask=torch.tensor([[1, 1, 0]]))

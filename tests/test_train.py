@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -149,3 +147,27 @@ def test_batches_may_be_an_iterable(tiny_model):
     rb = train(b, sft_loss, [get(s) for s in range(5)], cfg)
     assert ra.losses == rb.losses and _same(a, b)
     assert len(rb.metrics) == 5
+
+
+def test_resume_into_other_adapters_is_refused(tiny_model, tmp_path):
+    from lora_from_scratch.adapters import add_adapters
+    from lora_from_scratch.lora import LoRALinear
+    from lora_from_scratch.matryoshka import MatryoshkaLoRALinear
+    ck = str(tmp_path / "run.pt")
+    a = tiny_model()
+    add_adapters(a, lambda lin: LoRALinear(lin, 4, 8), "q_proj")
+    _run(a, 3, checkpoint_path=ck)
+    b = tiny_model()
+    add_adapters(b, lambda lin: MatryoshkaLoRALinear(lin, 4, 1, scale="rslora"), "q_proj")  # same names, shapes
+    with pytest.raises(ValueError, match="other adapters"):
+        _run(b, 3, checkpoint_path=ck, resume=True)
+
+
+def test_evaluate_gives_custom_problems_room_for_their_answers(tiny_model):
+    from lora_from_scratch.tasks import Problem
+    m = tiny_model()
+    calls = []
+    original = m.generate
+    m.generate = lambda prompts, n, **kw: calls.append(n) or original(prompts, n, **kw)
+    evaluate(m, Task("add", 1), [Problem("123+456=", "9750")])  # a 1-digit task, 4-digit answers
+    assert calls == [5]
