@@ -78,8 +78,8 @@ def cmd_data(a) -> dict:
 def _pretrain_config(a) -> PretrainConfig:
     return PretrainConfig(task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                           n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, pos_init_std=a.pos_init_std,
-                          eval_every=a.eval_every, seed=a.seed,
-                          device=resolve_device(a.device), progress=not a.quiet)
+                          eval_every=a.eval_every, stop_when_solved=getattr(a, "stop_when_solved", None),
+                          seed=a.seed, device=resolve_device(a.device), progress=not a.quiet)
 
 
 def cmd_pretrain(a) -> dict:
@@ -87,7 +87,8 @@ def cmd_pretrain(a) -> dict:
     model, metrics = pretrain(cfg)
     out = Path(a.out) if a.out else default_cache() / cfg.cache_key()
     save_model(model, out, metrics=metrics, pretrain=jsonable(asdict(cfg)))
-    print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps, "
+    stopped = " (stopped early: the training sample was solved)" if metrics["stopped_early"] else ""
+    print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps{stopped}, "
           f"{metrics['seconds']:.1f} s; saved {out}")
     return {**metrics, "checkpoint": str(out)}
 
@@ -180,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a base TinyGPT from scratch on one task")
     _task_args(p, "add")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: tuned per task size)")
+    p.add_argument("--steps", type=int, help="optimizer steps, at most (default: tuned per task size)")
     p.add_argument("--batch-size", type=int, help="problems per step (default: tuned per task size, else 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop once 500 training-split problems are all answered, checked every 100 steps "
+                        "(default: on for 3-digit addition, off otherwise)")
     _model_args(p)
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate every N steps and report when accuracy arrives (default 0: only at the end)")

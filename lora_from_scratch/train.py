@@ -12,7 +12,10 @@ adapters or objectives. It needs:
 
 It trains the parameters with ``requires_grad=True`` (all of them for
 pretraining, only the adapters after ``add_adapters``) with AdamW, an
-optional linear warmup and cosine decay, and gradient clipping.
+optional linear warmup and cosine decay, and gradient clipping. With
+``stop_metric``, it stops early at the first evaluation where that metric
+reaches ``stop_value`` (pretraining uses it to stop once a sample of
+training problems is solved).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # final lr / peak lr for the cosine schedule
     grad_clip: float | None = 1.0  # max global gradient norm; None turns it off
     eval_every: int = 0  # run eval_fn every this many steps (0: only at the end)
+    stop_metric: str | None = None  # stop early after an evaluation where this eval_fn metric ...
+    stop_value: float = 1.0  # ... is >= this (the lr schedule still spans all `steps`)
     checkpoint_every: int = 0  # save a resumable checkpoint every this many steps
     checkpoint_path: str | None = None  # where; required by checkpoint_every and resume
     resume: bool = False  # continue from checkpoint_path if it exists
@@ -59,6 +64,8 @@ class TrainConfig:
                              f"{self.log_every}, {self.eval_every}, {self.checkpoint_every}, {self.warmup_steps}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_path:
             raise ValueError("checkpoint_every and resume need checkpoint_path")
+        if self.stop_metric is not None and not self.eval_every:
+            raise ValueError(f"stop_metric={self.stop_metric!r} needs eval_every > 0 to be checked during training")
 
 
 @dataclass
@@ -69,6 +76,7 @@ class TrainResult:
     metrics: list = field(default_factory=list)  # loss_fn's metrics dict of every step of this call
     evals: list = field(default_factory=list)  # (step, metrics) of every evaluation
     final: dict = field(default_factory=dict)  # last evaluation's metrics
+    stopped_early: bool = False  # True when stop_metric reached stop_value before `steps`
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -111,10 +119,12 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
     ``eval_every`` steps and once at the end; its numbers join the bar.
     """
     cfg = config or TrainConfig()
+    if cfg.stop_metric is not None and eval_fn is None:
+        raise ValueError(f"stop_metric={cfg.stop_metric!r} needs an eval_fn that reports it")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
-    start = 0
+    start, done = 0, False
     # Stage 1: a fresh start, or exactly where a checkpoint left off
     if cfg.resume and cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path):
         ckpt = safe_load(cfg.checkpoint_path, "training checkpoint")
@@ -136,15 +146,16 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         if "cuda_rng" in ckpt and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = int(ckpt["step"])
+        done = bool(ckpt.get("stopped_early"))  # that run had reached its stop_value: nothing left to do
     else:
         torch.manual_seed(cfg.seed)
     get = batches if callable(batches) else _skipping(iter(batches), start)  # step -> batch
 
-    result = TrainResult(steps=start, seconds=0.0)
+    result = TrainResult(steps=start, seconds=0.0, stopped_early=done)
     shown: dict = {}
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(range(start, start if done else cfg.steps), initial=start, total=cfg.steps,
+               disable=not cfg.progress, dynamic_ncols=True, desc="train")
     for step in bar:
         # Stage 2: one optimizer step
         for g in opt.param_groups:
@@ -174,13 +185,20 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             result.evals.append((step + 1, scores))
             result.final = scores
             shown.update(scores)
+            if cfg.stop_metric is not None and not last:
+                if cfg.stop_metric not in scores:
+                    raise ValueError(f"stop_metric {cfg.stop_metric!r} is not among eval_fn's metrics {sorted(scores)}")
+                result.stopped_early = scores[cfg.stop_metric] >= cfg.stop_value
+                last = result.stopped_early  # the goal is reached: this step is the last
         if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg)),
-                     "adapters": adapter_configs(model)}
+                     "adapters": adapter_configs(model), "stopped_early": result.stopped_early}
             if torch.cuda.is_available():  # sampling on a GPU draws from its own generator
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_save(state, cfg.checkpoint_path)
+        if result.stopped_early:
+            break
     bar.close()
     if eval_fn is not None and not result.evals:  # e.g. resumed at the very end
         result.final = run_eval(model, eval_fn)

@@ -7,10 +7,10 @@ from lora_from_scratch.tokenizer import Tokenizer
 from lora_from_scratch.train import TrainConfig, evaluate, lr_at, sft_loss, train
 
 
-def _run(model, steps, data_seed=0, loss_fn=sft_loss, **kw):
+def _run(model, steps, data_seed=0, loss_fn=sft_loss, eval_fn=None, **kw):
     task = Task("add", 2)
     cfg = TrainConfig(steps=steps, lr=3e-3, warmup_steps=5, progress=False, **kw)
-    return train(model, loss_fn, train_batches(task, Tokenizer(), 32, seed=data_seed), cfg)
+    return train(model, loss_fn, train_batches(task, Tokenizer(), 32, seed=data_seed), cfg, eval_fn=eval_fn)
 
 
 def _same(a, b) -> bool:
@@ -171,3 +171,48 @@ def test_evaluate_gives_custom_problems_room_for_their_answers(tiny_model):
     m.generate = lambda prompts, n, **kw: calls.append(n) or original(prompts, n, **kw)
     evaluate(m, Task("add", 1), [Problem("123+456=", "9750")])  # a 1-digit task, 4-digit answers
     assert calls == [5]
+
+
+def test_stop_metric_stops_at_the_first_evaluation_that_reaches_it(tiny_model, tmp_path):
+    scores = iter([0.2, 0.7, 0.95, 1.0])  # what eval_fn reports at steps 3, 6, 9, 12
+
+    def eval_fn(m):
+        return {"solved": next(scores)}
+    ck = str(tmp_path / "run.pt")
+    straight = tiny_model(seed=4)
+    res = _run(straight, 30, eval_every=3, stop_metric="solved", stop_value=0.9, checkpoint_path=ck,
+               eval_fn=eval_fn)
+    assert res.stopped_early and res.steps == 9 and len(res.losses) == 9
+    assert [s for s, _ in res.evals] == [3, 6, 9] and res.final == {"solved": 0.95}
+    assert safe_load(ck)["step"] == 9  # the stopping step is checkpointed ...
+    again = _run(tiny_model(seed=99), 30, eval_every=3, stop_metric="solved", stop_value=0.9, checkpoint_path=ck,
+                 resume=True, eval_fn=lambda m: {"solved": 0.0})
+    assert again.stopped_early and again.steps == 9 and not again.losses  # ... and a resume does not go on
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(stop_metric="solved")
+    with pytest.raises(ValueError, match="eval_fn"):
+        _run(tiny_model(), 6, eval_every=3, stop_metric="solved")
+    with pytest.raises(ValueError, match="not among"):
+        _run(tiny_model(), 6, eval_every=3, stop_metric="solved", eval_fn=lambda m: {"acc": 1.0})
+
+
+def test_pretrain_stops_once_a_training_sample_is_solved(monkeypatch):
+    from lora_from_scratch import recipes
+    seen = []
+    real = recipes.evaluate
+
+    def fake_evaluate(model, task, problems=None, **kw):  # "solved" whenever scored on the training sample
+        seen.append(problems)
+        return 1.0 if problems is not None else real(model, task)
+    monkeypatch.setattr(recipes, "evaluate", fake_evaluate)
+    small = dict(task="add", digits=1, steps=40, n_layer=1, n_embd=32, n_head=2, progress=False)
+    _, m = recipes.pretrain(recipes.PretrainConfig(stop_when_solved=True, eval_every=10, **small))
+    assert m["stopped_early"] and m["steps"] == 10 and m["max_steps"] == 40
+    sample = seen[0]
+    assert len(sample) == recipes.VALID_SIZE
+    test = {p.prompt for p in Task("add", 1).test_set()}
+    assert not {p.prompt for p in sample} & test  # the stopping rule never looks at the test set
+    assert [e[0] for e in m["evals"]] == [10]  # the test-set curve asked for by eval_every
+    seen.clear()
+    _, m = recipes.pretrain(recipes.PretrainConfig(stop_when_solved=False, **small))
+    assert not m["stopped_early"] and m["steps"] == 40 and seen == [None]  # one test evaluation, at the end
