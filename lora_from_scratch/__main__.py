@@ -52,7 +52,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _write_metrics(path, metrics: dict) -> None:
     if path:
-        write_json(path, dict(sorted(metrics.items())))
+        write_json(path, metrics, sort_keys=True)
 
 
 def _samples(model, task: Task, n: int, problems=None) -> list[str]:
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once 500 training-split problems are all answered, checked every 100 steps "
-                        "(default: on for 3-digit addition, off otherwise)")
+                        "(or every --eval-every steps when given; default: on for 3-digit addition, off otherwise)")
     _model_args(p)
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate every N steps and report when accuracy arrives (default 0: only at the end)")

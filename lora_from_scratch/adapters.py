@@ -112,18 +112,22 @@ def add_adapters(model: nn.Module, make_adapter, targets="all-linear") -> list[s
                              f"available names: {short} (or full names like {next(iter(linears), '?')!r}, "
                              "or 'all-linear')")
     chosen = [n for n in linears if targets is None or any(t == n or t == n.rsplit(".", 1)[-1] for t in targets)]
-    # build every adapter before touching the model, so a bad rank for one
-    # layer leaves the model as it was
-    adapters = {name: make_adapter(linears[name]) for name in chosen}
-    for adapter in adapters.values():
-        if not isinstance(adapter, AdapterLayer):
-            raise TypeError(f"make_adapter must return an AdapterLayer, got {type(adapter).__name__}")
-    model.requires_grad_(False)  # freeze everything ...
+    # Build every adapter before swapping any in, so a bad rank for one layer
+    # leaves the model as it was (building freezes each wrapped layer: undo it)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        adapters = {name: make_adapter(linears[name]) for name in chosen}
+        for adapter in adapters.values():
+            if not isinstance(adapter, AdapterLayer):
+                raise TypeError(f"make_adapter must return an AdapterLayer, got {type(adapter).__name__}")
+    except BaseException:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+    model.requires_grad_(False)  # freeze everything; the adapters, attached next, keep their own flags
     for name, adapter in adapters.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        adapter.requires_grad_(True)  # ... but the adapters' own parameters
-        adapter.base.requires_grad_(False)
         setattr(parent, attr, adapter)
     return chosen
 
@@ -168,19 +172,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, p in m.adapter_parameters().items()}
 
 
-def base_signature(model: nn.Module) -> dict[str, list[float]] | None:
+def base_signature(model: nn.Module) -> dict[str, list[float]]:
     """Three numbers per tensor of the model that is not an adapter parameter
     (its sum, its sum of squares and a fixed weighted sum that notices
     reordering): enough to tell one base model from another, yet tolerant of
     the float rounding that a merge followed by an unmerge leaves behind,
-    which an exact hash would not be. None while adapters are merged (the
-    base weights then hold their update)."""
+    which an exact hash would not be. Merged layers count with their update
+    subtracted, as ``unmerge`` would leave them."""
     layers = adapter_layers(model)
-    if any(m.merged for _, m in layers):
-        return None
     own = {f"{n}.{k}" for n, m in layers for k in m.adapter_parameters()}
+    state = dict(model.state_dict())
+    with torch.no_grad():
+        for n, m in layers:
+            if m.merged:  # base.weight holds W + delta: sign W, without touching the model
+                state[f"{n}.base.weight"] = m.base.weight - m.delta_weight().to(m.base.weight.dtype)
     sig = {}
-    for k, t in model.state_dict().items():
+    for k, t in state.items():
         if k in own or not t.is_floating_point():
             continue
         v = t.detach().double().flatten().cpu()
@@ -190,13 +197,21 @@ def base_signature(model: nn.Module) -> dict[str, list[float]] | None:
     return sig
 
 
-def _same_base(saved: dict, own: dict) -> str | None:
-    """None when two signatures agree to float rounding, else the first
-    tensor that differs."""
+def _base_differs(saved: dict, model: nn.Module) -> str | None:
+    """None when the model's base matches a saved signature to float
+    rounding, else what differs. The tolerance follows the model's dtype:
+    rounding each number of a tensor w by a relative eps, with random signs,
+    moves its sums by about eps * ||w|| and its sum of squares by about
+    2 eps ||w||^2; we allow 50 times that. Two different bases differ in
+    their sums by about ||w||, so even in bfloat16 they are told apart."""
+    own = base_signature(model)
     if saved.keys() != own.keys():
         return f"its tensors {sorted(saved.keys() ^ own.keys())[:4]}"
-    for k in saved:
-        if not torch.allclose(torch.tensor(saved[k]), torch.tensor(own[k]), rtol=1e-4, atol=1e-4):
+    dtypes = {k.replace(".base.", "."): t.dtype for k, t in model.state_dict().items()}
+    for k, (s_sum, s_sq, s_w) in saved.items():
+        o_sum, o_sq, o_w = own[k]
+        tol = 50 * torch.finfo(dtypes[k]).eps * max(s_sq, o_sq) ** 0.5 + 1e-12  # 50 eps ||w||
+        if abs(s_sum - o_sum) > tol or abs(s_w - o_w) > tol or abs(s_sq - o_sq) > 2 * tol * max(s_sq, o_sq) ** 0.5:
             return k
     return None
 
@@ -236,8 +251,7 @@ def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
     for k, p in own.items():
         if p.shape != state[k].shape:
             raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model's adapter has {tuple(p.shape)}")
-    own_base = base_signature(model) if check_base and ckpt.get("base") else None
-    differs = _same_base(ckpt["base"], own_base) if own_base else None
+    differs = _base_differs(ckpt["base"], model) if check_base and ckpt.get("base") else None
     if differs:
         raise ValueError(f"{path} was saved on another base model ({differs} differs from this model's); "
                          "pass check_base=False to load it anyway")

@@ -42,17 +42,22 @@ def atomic_save(obj, path) -> None:
         raise
 
 
-def write_json(path, obj) -> None:
+def write_json(path, obj, sort_keys: bool = False) -> None:
     """Write ``obj`` as indented JSON through a temp file and a rename, so a
     crash never leaves a half-written metrics or results file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def safe_load(path, what: str = "checkpoint") -> dict:

@@ -99,6 +99,8 @@ class PretrainConfig:
         does (bump CACHE_VERSION when the code that trains a base changes)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("device", "progress", "eval_every")}
         d["version"] = CACHE_VERSION
+        if self.stop_when_solved and self.eval_every and self.eval_every != CHECK_EVERY:
+            d["check_every"] = self.eval_every  # the stop step, so the weights, depend on it
         h = hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
         return f"base_{self.task}{'x'.join(map(str, self.digits))}_s{self.seed}_{h}.pt"
 

@@ -133,7 +133,7 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
                 raise ValueError(f"{cfg.checkpoint_path} is not a training checkpoint: no {key!r}")
         saved = ckpt.get("train_config", {})
         changed = [k for k in ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-                               "grad_clip") if k in saved and saved[k] != getattr(cfg, k)]
+                               "grad_clip", "stop_metric", "stop_value") if k in saved and saved[k] != getattr(cfg, k)]
         if changed:  # the run is a function of these: resuming would silently change it
             raise ValueError(f"{cfg.checkpoint_path} was written with other settings: "
                              + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))

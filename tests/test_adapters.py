@@ -363,14 +363,35 @@ def test_adapters_refuse_another_base_unless_asked(tiny_model, tmp_path):
     same = tiny_model(seed=0)
     add_adapters(same, lambda lin: LoRALinear(lin, 4, 8), "q_proj")
     load_adapters(same, tmp_path / "b.pt")
+    merge_adapters(m)  # saved while merged: the signature is of the base without the update
+    save_adapters(m, tmp_path / "c.pt")
+    load_adapters(same, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapters(other, tmp_path / "c.pt")
 
 
 def test_failed_add_adapters_leaves_model_alone(tiny_model):
     fresh = tiny_model()
-    with pytest.raises(ValueError, match=r"1\.\.32"):  # up_proj (32->128) takes rank 32, down_proj too; 40 fits none
-        add_adapters(fresh, lambda lin: LoRALinear(lin, 40, 8), ("q_proj", "up_proj"))
-    assert all(p.requires_grad for p in fresh.parameters())  # untouched: nothing frozen, nothing swapped
-    assert not any(isinstance(x, AdapterLayer) for x in fresh.modules())
+    # q_proj (32->32) takes rank 4; up_proj (32->128) takes at most 32, so 40 fails after q_proj was built
+    with pytest.raises(ValueError, match=r"1\.\.32"):
+        add_adapters(fresh, lambda lin: LoRALinear(lin, 4 if lin.out_features == 32 else 40, 8), ("q_proj", "up_proj"))
+    fresh2 = tiny_model()
+    with pytest.raises(ValueError, match="ranks"):  # DyLoRA checks its rank set after wrapping the layer
+        add_adapters(fresh2, lambda lin: DyLoRALinear(lin, 4, 8, ranks=[9]), "all-linear")
+    for m in (fresh, fresh2):
+        assert all(p.requires_grad for p in m.parameters())  # untouched: nothing frozen, nothing swapped
+        assert not any(isinstance(x, AdapterLayer) for x in m.modules())
+
+
+def test_add_adapters_keeps_the_adapters_own_frozen_parameters(tiny_model):
+    def lora_fa(lin):  # LoRA-FA style: A stays at its random init, only B trains
+        layer = LoRALinear(lin, 4, 8)
+        layer.lora_A.requires_grad_(False)
+        return layer
+    m = tiny_model()
+    add_adapters(m, lora_fa, "q_proj")
+    layer = m.blocks[0].attn.q_proj
+    assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad and not layer.base.weight.requires_grad
 
 
 def test_lora_output_can_be_modified_in_place():

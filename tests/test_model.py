@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,8 @@ def test_generate_checks_lengths_and_padding_side(tiny_model):
     right_padded = torch.tensor([[1, 5, 0]])
     with pytest.raises(ValueError, match="left-padded"):
         m.generate(right_padded, 2, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        m.generate([[1, 2]], 2.0)
+    with pytest.raises(ValueError, match="attention_mask of the same shape"):
+        m.generate(right_padded, 2, attention_mask=torch.ones(3))
+    assert m.generate([[1, 2]], np.int64(3), greedy=True).shape[0] == 1  # any integer type will do

@@ -188,6 +188,9 @@ def test_stop_metric_stops_at_the_first_evaluation_that_reaches_it(tiny_model, t
     again = _run(tiny_model(seed=99), 30, eval_every=3, stop_metric="solved", stop_value=0.9, checkpoint_path=ck,
                  resume=True, eval_fn=lambda m: {"solved": 0.0})
     assert again.stopped_early and again.steps == 9 and not again.losses  # ... and a resume does not go on
+    with pytest.raises(ValueError, match="stop_value"):  # a stricter goal is another run, not a resume
+        _run(tiny_model(), 30, eval_every=3, stop_metric="solved", stop_value=0.99, checkpoint_path=ck,
+             resume=True, eval_fn=eval_fn)
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(stop_metric="solved")
     with pytest.raises(ValueError, match="eval_fn"):
@@ -216,3 +219,8 @@ def test_pretrain_stops_once_a_training_sample_is_solved(monkeypatch):
     seen.clear()
     _, m = recipes.pretrain(recipes.PretrainConfig(stop_when_solved=False, **small))
     assert not m["stopped_early"] and m["steps"] == 40 and seen == [None]  # one test evaluation, at the end
+    # the check interval decides where a run stops, so it is part of the cache name
+    key = recipes.PretrainConfig(digits=3).cache_key
+    assert key() == recipes.PretrainConfig(digits=3, eval_every=recipes.CHECK_EVERY).cache_key()
+    assert key() != recipes.PretrainConfig(digits=3, eval_every=70).cache_key()
+    assert recipes.PretrainConfig(digits=2).cache_key() == recipes.PretrainConfig(digits=2, eval_every=70).cache_key()
