@@ -7,11 +7,12 @@ every file opens with an explanation of its part.
 from .adapters import (AdapterLayer, adapter_layers, adapters_disabled, add_adapters, load_adapters,
                        merge_adapters, save_adapters, trainable_parameters, unmerge_adapters)
 from .checkpoint import load_model, save_model
+from .data import encode_batch, load_problems, save_problems, train_batches
 from .dylora import DyLoRALinear, with_rank_sampling
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, aurac, matryoshka_P
 from .model import GPTConfig, KVCache, TinyGPT
-from .tasks import TASKS, Problem, Task, encode_batch, load_problems, train_batches
+from .tasks import TASKS, Problem, Task
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, predict, sft_loss, train
 

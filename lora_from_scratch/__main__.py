@@ -23,7 +23,8 @@ from .adapters import save_adapters
 from .checkpoint import jsonable, load_model, save_model, write_json
 from .recipes import METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     default_cache, pretrain, resolve_device
-from .tasks import DEFAULT_DIGITS, TASKS, Task, load_problems, save_problems
+from .data import load_problems, save_problems
+from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_save, safe_load
+from .checkpoint import atomic_save, jsonable, safe_load
 
 
 class AdapterLayer(nn.Module):
@@ -172,6 +172,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, p in m.adapter_parameters().items()}
 
 
+def adapter_configs(model: nn.Module) -> dict:
+    """``adapter_config()`` of every adapter (its type, rank, alpha, scale
+    rule...), as JSON would store it: saved with adapter weights and with
+    training checkpoints, so a load or a resume can refuse a different setup
+    whose parameters happen to have the same names and shapes."""
+    return jsonable({n: m.adapter_config() for n, m in adapter_layers(model)})
+
+
 def base_signature(model: nn.Module) -> dict[str, list[float]]:
     """Three numbers per tensor of the model that is not an adapter parameter
     (its sum, its sum of squares and a fixed weighted sum that notices
@@ -222,9 +230,8 @@ def save_adapters(model: nn.Module, path, **meta) -> None:
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model has no adapters to save")
-    configs = {n: m.adapter_config() for n, m in adapter_layers(model)}
-    atomic_save({"kind": "adapters", "state": state, "configs": configs, "base": base_signature(model),
-                 "meta": meta}, path)
+    atomic_save({"kind": "adapters", "state": state, "configs": adapter_configs(model),
+                 "base": base_signature(model), "meta": meta}, path)
 
 
 def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
@@ -239,8 +246,9 @@ def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
     layers = dict(adapter_layers(model))
     if any(m.merged for m in layers.values()):
         raise ValueError("unmerge the adapters before loading new weights into them")
+    configs = adapter_configs(model)
     for name, saved in ckpt.get("configs", {}).items():
-        own = layers[name].adapter_config() if name in layers else None
+        own = configs.get(name)
         if own is not None and own != saved:
             raise ValueError(f"{path}: adapter {name} was saved as {saved}, this model's is {own}")
     own = {f"{n}.{k}": p for n, m in adapter_layers(model) for k, p in m.adapter_parameters().items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,14 +26,17 @@ def jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=list))
 
 
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` through a temp file and a rename."""
+@contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Open a temporary file beside ``path`` for writing; on success it is
+    flushed to disk and renamed over ``path``, on any error removed. Every
+    file this project writes goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
@@ -42,22 +46,16 @@ def atomic_save(obj, path) -> None:
         raise
 
 
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to ``path`` through a temp file and a rename."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_json(path, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON through a temp file and a rename, so a
-    crash never leaves a half-written metrics or results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def safe_load(path, what: str = "checkpoint") -> dict:

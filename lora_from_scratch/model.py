@@ -19,7 +19,6 @@ the same positions whatever its padding, and no real token attends to a pad.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -214,13 +213,9 @@ class TinyGPT(nn.Module):
                 mask[i, T0 - len(p):] = 1
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        try:  # any integer type (numpy ints too), but not a float or a bool
-            n_new = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
-        except TypeError:
-            n_new = None
-        if n_new is None or n_new < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        max_new_tokens = n_new
+        if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")  # numpy ints are fine
+        max_new_tokens = int(max_new_tokens)
         if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
             raise ValueError(f"prompts must be (B, T) with an attention_mask of the same shape, got "
                              f"{tuple(ids.shape)} and {tuple(mask.shape)}")

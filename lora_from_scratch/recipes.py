@@ -23,7 +23,8 @@ from .dylora import DyLoRALinear, with_rank_sampling
 from .lora import LoRALinear, evaluate_ranks
 from .matryoshka import MatryoshkaLoRALinear, aurac
 from .model import GPTConfig, TinyGPT
-from .tasks import Task, parse_digits, train_batches
+from .data import train_batches
+from .tasks import Task, parse_digits
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, sft_loss, train
 
@@ -80,8 +81,7 @@ class PretrainConfig:
     n_embd: int = 64  # width
     pos_init_std: float = 0.1  # init std of the position embeddings (see model.py)
     block_size: int = 128  # longest sequence (word problems are ~100 characters)
-    eval_every: int = 0  # also evaluate on the test set every this many steps (0: only at the end);
-    # when set, the stop-when-solved check runs at the same steps (else every CHECK_EVERY)
+    eval_every: int = 0  # also evaluate on the test set every this many steps (0: only at the end)
     seed: int = 0  # seeds the weights, the data and the training
     device: str = "cpu"  # "cpu" or "cuda"
     progress: bool = True  # show a progress bar
@@ -94,13 +94,18 @@ class PretrainConfig:
         self.batch_size = batch if self.batch_size is None else self.batch_size
         self.stop_when_solved = stop if self.stop_when_solved is None else bool(self.stop_when_solved)
 
+    def stop_check_every(self) -> int | None:
+        """Steps between stop-when-solved checks (None: no check). They run
+        with the test-set evaluations when ``eval_every`` is set."""
+        return (self.eval_every or CHECK_EVERY) if self.stop_when_solved else None
+
     def cache_key(self) -> str:
         """A file name that changes whenever a setting that shapes the weights
         does (bump CACHE_VERSION when the code that trains a base changes)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("device", "progress", "eval_every")}
         d["version"] = CACHE_VERSION
-        if self.stop_when_solved and self.eval_every and self.eval_every != CHECK_EVERY:
-            d["check_every"] = self.eval_every  # the stop step, so the weights, depend on it
+        if self.stop_when_solved:  # where a run stops, so its weights, depends on the check interval
+            d["check_every"] = self.stop_check_every()
         h = hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:8]
         return f"base_{self.task}{'x'.join(map(str, self.digits))}_s{self.seed}_{h}.pt"
 
@@ -113,12 +118,11 @@ def pretrain(cfg: PretrainConfig) -> tuple[TinyGPT, dict]:
     task = Task(cfg.task, cfg.digits)
     model = TinyGPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, pos_init_std=cfg.pos_init_std)).to(cfg.device)
-    check = cfg.eval_every or CHECK_EVERY  # steps between stop-when-solved checks
+    check = cfg.stop_check_every()
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
-                       eval_every=check if cfg.stop_when_solved else cfg.eval_every,
-                       stop_metric="valid_exact_match" if cfg.stop_when_solved else None,
+                       eval_every=check or cfg.eval_every, stop_metric="valid_exact_match" if check else None,
                        seed=cfg.seed, progress=cfg.progress)
-    valid = task.sample_train(VALID_SIZE, seed=VALID_SEED) if cfg.stop_when_solved else None
+    valid = task.sample_train(VALID_SIZE, seed=VALID_SEED) if check else None
     clock = {"eval": 0.0}  # seconds spent evaluating, kept out of the training time
 
     def eval_fn(m):

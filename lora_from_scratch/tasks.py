@@ -28,14 +28,8 @@ set). The fixed evaluation set is 500 test problems drawn with a fixed seed.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-from .tokenizer import Tokenizer
 
 TASKS = ("add", "sub", "mul", "wordprob")
 DEFAULT_DIGITS = {"add": (3, 3), "sub": (3, 3), "mul": (2, 2), "wordprob": (2, 2)}
@@ -73,7 +67,7 @@ class Problem:
     answer: str  # text the model must write after the prompt (before <eos>)
 
 
-def _mix(*values: int) -> int:
+def stable_hash(*values: int) -> int:
     """A fixed 64-bit integer hash (splitmix64 steps). Python's hash() is
     salted per process, so it cannot define a reproducible split."""
     h = 0x9E3779B97F4A7C15
@@ -131,7 +125,7 @@ class Task:
         of the hash: "12+7" is a test pair for ``add`` and for the word
         problems alike, so a base pretrained on ``add`` never trained on the
         arithmetic of a word problem it is tested on."""
-        return _mix(ord(op), a, b) % 1000 < TEST_FRACTION * 1000
+        return stable_hash(ord(op), a, b) % 1000 < TEST_FRACTION * 1000
 
     # ----- text -----------------------------------------------------------
     def answer_width(self, op: str) -> int:
@@ -242,87 +236,3 @@ def parse_digits(name: str, digits) -> tuple[int, int]:
         raise ValueError(f"task {name!r} takes one operand size, got digits={digits!r}; "
                          "only 'mul' takes two (a-digit by b-digit)")
     return digits
-
-
-# ----- batches ------------------------------------------------------------
-def encode_batch(problems: list[Problem], tok: Tokenizer, with_answer: bool = True) -> dict:
-    """Tokenize and left-pad a list of problems.
-
-    Each row is ``<bos> prompt [answer <eos>]``. Left padding puts every
-    prompt's last token in the same column, which batched generation needs.
-    Returns ``input_ids`` (B, T), ``attention_mask`` (B, T; 1 on real tokens)
-    and, with answers, ``targets`` (B, T): the next token at positions whose
-    next token is part of the answer or <eos>, and -100 (ignored) elsewhere.
-    The model reads ``input_ids[:, :-1]`` and is scored on ``targets[:, :-1]``.
-    """
-    pad = tok.pad_id
-    rows, masks, tgts = [], [], []
-    encoded = [(tok.encode(p.prompt, bos=True), tok.encode(p.answer, eos=True) if with_answer else [])
-               for p in problems]
-    T = max(len(q) + len(a) for q, a in encoded)
-    for q, a in encoded:
-        n_pad = T - len(q) - len(a)
-        rows.append([pad] * n_pad + q + a)
-        masks.append([0] * n_pad + [1] * (len(q) + len(a)))
-        # position t predicts token t+1: only answer/<eos> tokens are scored
-        tgts.append([-100] * (n_pad + len(q) - 1) + a + [-100])
-    ids = torch.tensor(rows, dtype=torch.long)
-    mask = torch.tensor(masks, dtype=torch.long)
-    targets = torch.tensor(tgts, dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if with_answer:
-        batch["targets"] = targets
-    return batch
-
-
-def train_batches(task: Task, tok: Tokenizer, batch_size: int, seed: int):
-    """A function ``step -> batch`` of fresh training problems. Each step's
-    problems depend only on (seed, step), so a resumed run sees the same data."""
-    def get_batch(step: int) -> dict:
-        return encode_batch(task.sample_train(batch_size, seed=_mix(seed, step)), tok)
-    return get_batch
-
-
-# ----- files --------------------------------------------------------------
-def save_problems(problems: list[Problem], path) -> None:
-    """Write problems as JSON lines (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for p in problems:
-                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_problems(path, tok: Tokenizer | None = None) -> list[Problem]:
-    """Read a JSON-lines file of ``{"prompt": ..., "answer": ...}``. A bad line
-    raises ``ValueError`` naming the file and the line number."""
-    tok = tok or Tokenizer()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no data file at {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                    or not isinstance(rec.get("answer"), str):
-                raise ValueError(f'{where}: expected {{"prompt": str, "answer": str}}, got {line.strip()[:80]!r}')
-            try:
-                tok.encode(rec["prompt"] + rec["answer"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            out.append(Problem(rec["prompt"], rec["answer"]))
-    if not out:
-        raise ValueError(f"{path}: no problems in file")
-    return out

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .adapters import adapter_configs
 from .checkpoint import atomic_save, jsonable, load_state_strict, safe_load
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
@@ -204,13 +205,6 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         result.final = run_eval(model, eval_fn)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def adapter_configs(model) -> dict:
-    """``adapter_config()`` of every module that has one (adapters: their type,
-    rank, alpha, scale rule...), so a resume can refuse a different setup
-    whose parameters happen to have the same names and shapes."""
-    return jsonable({n: m.adapter_config() for n, m in model.named_modules() if hasattr(m, "adapter_config")})
 
 
 def run_eval(model, eval_fn) -> dict:

@@ -11,7 +11,8 @@ from lora_from_scratch.adapters import AdapterLayer, adapters_disabled, add_adap
 from lora_from_scratch.dylora import DyLoRALinear, with_rank_sampling
 from lora_from_scratch.lora import LoRALinear, evaluate_ranks, lora_linear, lora_scale, set_adapter_rank
 from lora_from_scratch.matryoshka import MatryoshkaLoRALinear, aurac, default_train_ranks, matryoshka_P
-from lora_from_scratch.tasks import Task, train_batches
+from lora_from_scratch.data import train_batches
+from lora_from_scratch.tasks import Task
 from lora_from_scratch.tokenizer import Tokenizer
 from lora_from_scratch.train import TrainConfig, sft_loss, train
 

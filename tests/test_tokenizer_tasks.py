@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_from_scratch.tasks import TASKS, TEMPLATES, Problem, Task, encode_batch, load_problems, parse_digits, \
-    save_problems, train_batches
+from lora_from_scratch.data import encode_batch, load_problems, save_problems, train_batches
+from lora_from_scratch.tasks import TASKS, TEMPLATES, Problem, Task, parse_digits
 from lora_from_scratch.tokenizer import CHARS, Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 
-from lora_from_scratch.checkpoint import atomic_save, load_model, safe_load, save_model
-from lora_from_scratch.tasks import Task, train_batches
+from lora_from_scratch.checkpoint import atomic_save, atomic_write, load_model, safe_load, save_model, write_json
+from lora_from_scratch.data import train_batches
+from lora_from_scratch.tasks import Task
 from lora_from_scratch.tokenizer import Tokenizer
 from lora_from_scratch.train import TrainConfig, evaluate, lr_at, sft_loss, train
 
@@ -224,3 +227,16 @@ def test_pretrain_stops_once_a_training_sample_is_solved(monkeypatch):
     assert key() == recipes.PretrainConfig(digits=3, eval_every=recipes.CHECK_EVERY).cache_key()
     assert key() != recipes.PretrainConfig(digits=3, eval_every=70).cache_key()
     assert recipes.PretrainConfig(digits=2).cache_key() == recipes.PretrainConfig(digits=2, eval_every=70).cache_key()
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
+    target = tmp_path / "sub" / "metrics.json"
+    write_json(target, {"a": 1})  # creates the folder
+    with pytest.raises(TypeError):
+        write_json(target, {"a": object()})  # not JSON-able: fails halfway
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write('{"a": ')
+            raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert not list(target.parent.glob("*.tmp"))
