@@ -125,9 +125,16 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
     objective = ALGOS[cfg.algo](cfg.objective_config(), task, Tokenizer(), seed=cfg.seed)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="constant",
                        eval_every=cfg.eval_every, seed=cfg.seed, progress=cfg.progress, log_every=1)
+    clock = {"eval": 0.0}
+
+    def eval_fn(m):  # greedy exact-match on the fixed test set, its time kept apart
+        t1 = time.perf_counter()
+        scores = {"test_exact_match": evaluate(m, task)}
+        clock["eval"] += time.perf_counter() - t1
+        return scores
+
     t0 = time.perf_counter()
-    res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg,
-                eval_fn=lambda m: {"test_exact_match": evaluate(m, task)})
+    res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg, eval_fn)
     train_seconds = time.perf_counter() - t0
     per_step = {k: [m.get(k) for m in res.metrics] for k in ("reward", "kl", "clip_frac", "length")}
     last = res.metrics[-1] if res.metrics else {}
@@ -139,5 +146,6 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
                "length": last.get("length"), "per_step": per_step,
                "trainable_parameters": trainable_parameters(model), "steps": res.steps,
                "generate_seconds": objective.seconds["generate"], "reference_seconds": objective.seconds["reference"],
+               "eval_seconds": clock["eval"],
                "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start}
     return model, metrics
