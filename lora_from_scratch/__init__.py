@@ -11,7 +11,9 @@ from .data import encode_batch, load_problems, save_problems, train_batches
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryoshka_P
+from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .methods import METHODS, AdapterMethod, get_method
+from .remix import ReMixLinear, ReMixOptions, effective_support_size, rloo_loss
 from .model import GPTConfig, KVCache, TinyGPT
 from .tasks import TASKS, Problem, Task
 from .tokenizer import Tokenizer
