@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import option
-from .remix import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics
+from .remix import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
 
 
 @dataclass
@@ -65,7 +65,7 @@ class MixLoRALinear(MixtureOfLoRAs):
         return self.router(x)  # not detached: the weights train by backpropagation
 
     def gates(self, logits):
-        q = logits.softmax(-1)  # (..., n)
+        q = softmax(logits)  # (..., n)
         top, idx = q.topk(self.k, dim=-1)  # (..., k)
         w = torch.zeros_like(q).scatter(-1, idx, top / top.sum(-1, keepdim=True))  # (..., n), rows sum to 1
         if self.training and self.record is not None:

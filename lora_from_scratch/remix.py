@@ -73,6 +73,14 @@ def effective_support_size(weights: torch.Tensor) -> torch.Tensor:
     return 1.0 / (pi * pi).sum(-1)
 
 
+def softmax(logits: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """(log-)softmax over the last dimension, computed over dim 0 of a
+    transposed view: the same numbers, but torch's CPU kernels are several
+    times slower over a short last dimension (n = 8) than over a strided one."""
+    t = logits.transpose(0, -1)
+    return (t.log_softmax(0) if log else t.softmax(0)).transpose(0, -1)
+
+
 def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Draw k indices (..., k) without replacement from softmax(logits), in
     draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick)."""
@@ -83,12 +91,12 @@ def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """log Q of the ordered selections ``idx`` (..., k) under softmax(logits) (..., n):
-    sum_j [logit_{i_j} - logsumexp of the logits not drawn before slot j]."""
-    n = logits.shape[-1]
-    drawn = F.one_hot(idx, n)  # (..., k, n)
-    before = (drawn.cumsum(-2) - drawn).bool()  # (..., k, n): drawn at an earlier slot
-    remaining = logits.unsqueeze(-2).masked_fill(before, float("-inf"))  # (..., k, n)
-    return (logits.gather(-1, idx) - remaining.logsumexp(-1)).sum(-1)  # (...)
+    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. Computed in float64,
+    so that 1 - sum stays accurate even when one LoRA holds almost all of q."""
+    log_q = softmax(logits.double(), log=True).gather(-1, idx)  # (..., k): log q_{i_j}
+    q = log_q.exp()
+    used = q.cumsum(-1) - q  # (..., k): mass drawn before slot j
+    return (log_q - torch.log1p(-used)).sum(-1).to(logits.dtype)  # (...)
 
 
 def check_mixture(n, k, omega) -> None:
@@ -156,15 +164,21 @@ class MixtureOfLoRAs(AdapterLayer):
         return y + F.linear(h.flatten(-2), B)  # (..., out)
 
     def routing_stats(self) -> dict:
-        """For the last training forward, means over tokens of: the ESS of
-        the applied weights g, the ESS of the router's q, and the largest
-        applied weight (g normalised to sum 1). Empty before any."""
+        """Statistics of the last training forward (``routing_stats_of``), as floats; empty before any."""
         if self.last_routing is None:
             return {}
-        logits, g = (t.float().flatten(0, -2) for t in self.last_routing)  # (N, n) each
-        pi = g / g.sum(-1, keepdim=True)  # (N, n)
-        return {"ess": effective_support_size(pi).mean(), "router_ess": effective_support_size(logits.softmax(-1)).mean(),
-                "max_weight": pi.amax(-1).mean()}
+        logits, g = (t.flatten(0, -2) for t in self.last_routing)  # (N, n) each
+        return {key: float(v) for key, v in routing_stats_of(logits, g).items()}
+
+
+def routing_stats_of(logits: torch.Tensor, g: torch.Tensor) -> dict:
+    """Means over the token dimension (-2) of: the ESS of the applied weights
+    g, the ESS of the router's q = softmax(logits), and the largest applied
+    weight (g normalised to sum 1). Inputs (..., N, n), outputs (...)."""
+    pi = g.float() / g.float().sum(-1, keepdim=True)  # (..., N, n)
+    return {"ess": effective_support_size(pi).mean(-1),
+            "router_ess": effective_support_size(softmax(logits.float())).mean(-1),
+            "max_weight": pi.amax(-1).mean(-1)}
 
 
 @dataclass
@@ -217,21 +231,22 @@ def mixture_layers(model: nn.Module, kind=MixtureOfLoRAs) -> list[tuple[str, Mix
 
 def routing_metrics(layers) -> dict:
     """Across layers: min and mean of each layer's mean ESS (applied weights
-    and router q) and the largest layer-mean top weight, as floats."""
-    stats = [s for s in (m.routing_stats() for m in layers) if s]
-    if not stats:
+    and router q) and the largest layer-mean top weight, as floats. The
+    layers' last forwards are stacked (L, N, n) so that all layers cost one
+    computation."""
+    last = [m.last_routing for m in layers if m.last_routing is not None]
+    if not last:
         return {}
-    ess = torch.stack([s["ess"] for s in stats])
-    router = torch.stack([s["router_ess"] for s in stats])
-    return {"ess_min": float(ess.min()), "ess_mean": float(ess.mean()), "router_ess_min": float(router.min()),
-            "router_ess_mean": float(router.mean()),
-            "max_weight": float(torch.stack([s["max_weight"] for s in stats]).max())}
+    logits, g = (torch.stack([t[i].flatten(0, -2) for t in last]) for i in (0, 1))  # (L, N, n) each
+    s = routing_stats_of(logits, g)  # (L,) each
+    return {"ess_min": float(s["ess"].min()), "ess_mean": float(s["ess"].mean()),
+            "router_ess_min": float(s["router_ess"].min()), "router_ess_mean": float(s["router_ess"].mean()),
+            "max_weight": float(s["max_weight"].max())}
 
 
 def per_layer_routing(model: nn.Module) -> dict:
     """Each mixture layer's routing statistics from its last training forward."""
-    return {name: {k: float(v) for k, v in m.routing_stats().items()} for name, m in mixture_layers(model)
-            if m.last_routing is not None}
+    return {name: m.routing_stats() for name, m in mixture_layers(model) if m.last_routing is not None}
 
 
 def rloo_loss(loss_fn, M: int = 2):
