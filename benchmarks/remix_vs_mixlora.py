@@ -5,11 +5,16 @@ Every row fine-tunes adapters on every linear layer of the same frozen base
 with the same steps, learning rate, batches and seeds:
 
 - ``lora r=kr``: one LoRA of rank k r at its default scale c = 2 (alpha = 2 k r);
-- ``lora r=kr c=omega``: the same LoRA at ReMix's scale, alpha = 2 (c = 2/(k r));
+- ``lora r=kr c=omega``: the same LoRA at ReMix's scale, c = omega = alpha/(k r);
 - ``mixlora``: n LoRAs of rank r, top-k of a learned softmax router, weights
-  renormalised over the k, load-balance loss 0.001;
+  renormalised over the k and scaled by k omega, load-balance loss 0.001;
 - ``remix M=2``, ``remix M=4``: the same pool, k drawn per token at the
-  constant weight omega = 2/(k r), router trained by RLOO with M selections.
+  constant weight omega = alpha/(k r), router trained by RLOO with M selections.
+
+The mixtures' alpha defaults to 2 (omega = 2/(k r), our reading of the
+paper). ``--alpha 16`` gives them LoRA's default update size instead
+(omega = 2 for k r = 8): a LoRA's scale matters a lot on this task, so both
+are worth running.
 
 Per token, each mixture uses k LoRAs of rank r: the same active rank k r as
 the LoRA rows (the mixtures store n/k times more LoRA weights, plus a router).
@@ -58,12 +63,12 @@ LOGGED = ("ess_min", "ess_mean", "router_ess_min", "router_ess_mean", "max_weigh
 
 def rows(a) -> dict:
     """Row name -> (method, rank, alpha, options)."""
-    n, k, r = a.experts, a.active, a.rank
+    n, k, r, alpha = a.experts, a.active, a.rank, a.alpha
     out = {"lora r=kr": ("lora", k * r, 2.0 * k * r, {}),
-           "lora r=kr c=omega": ("lora", k * r, 2.0, {}),
-           "mixlora": ("mixlora", r, 2.0, {"experts": n, "active": k})}
+           "lora r=kr c=omega": ("lora", k * r, alpha, {}),
+           "mixlora": ("mixlora", r, alpha, {"experts": n, "active": k})}
     for M in a.selections:
-        out[f"remix M={M}"] = ("remix", r, 2.0, {"experts": n, "active": k, "selections": M})
+        out[f"remix M={M}"] = ("remix", r, alpha, {"experts": n, "active": k, "selections": M})
     return {name: spec for name, spec in out.items() if name in a.rows or a.rows == ["all"]}
 
 
@@ -122,7 +127,7 @@ def speed(base, task, specs, a) -> dict:
             if rep >= 2:  # two warm-up rounds
                 step_t[name].append(t1 - t0)
                 eval_t[name].append(t2 - t1)
-    ref = next(iter(specs))
+    ref = next(iter(specs))  # the first row is the reference
     s0, e0 = statistics.median(step_t[ref]), statistics.median(eval_t[ref])
     return {name: {"step_ratio": statistics.median(step_t[name]) / s0, "eval_ratio": statistics.median(eval_t[name]) / e0,
                    "step_ms": 1000 * statistics.median(step_t[name]), "eval_ms": 1000 * statistics.median(eval_t[name])}
@@ -144,8 +149,8 @@ def run(a) -> dict:
             out["rows"].setdefault(name, []).append(r)
             print(f"seed {seed} {name:20s} exact-match {100 * r['exact_match']:5.1f}%  "
                   f"{r['seconds_per_step'] * 1000:.0f} ms/step  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
-    out["speed"] = speed(base, task, specs, a)
-    if a.speed_width:  # the same rows on a wider, untrained TinyGPT, where FLOPs outweigh per-op overheads
+    out["speed"] = speed(base, task, specs, a) if a.speed_reps else {}
+    if a.speed_width and a.speed_reps:  # the same rows on a wider, untrained TinyGPT, where FLOPs outweigh per-op overheads
         torch.manual_seed(0)
         wide = TinyGPT(GPTConfig(vocab_size=base.config.vocab_size, n_layer=base.config.n_layer,
                                  n_head=base.config.n_head, n_embd=a.speed_width))
@@ -173,7 +178,7 @@ def summarise(res: dict) -> str:
         lines.append(f"| {name} | {statistics.mean(em):.1f} ± {sd:.1f} | {', '.join(f'{v:.1f}' for v in em)} | "
                      f"{per_seed[0]['trainable']:,} | {per_seed[0]['active']:,} | "
                      f"{statistics.mean(s['seconds_per_step'] for s in per_seed):.3f} | "
-                     f"{sp.get('step_ratio', float('nan')):.2f}x | {sp.get('eval_ratio', float('nan')):.2f}x | "
+                     + (f"{sp['step_ratio']:.2f}x | {sp['eval_ratio']:.2f}x | " if sp else " |  | ") +
                      f"{ess} | {router} |")
     if res.get("speed_wide"):
         lines.append(f"| (speed at width {a['speed_width']}, untrained) | | | | | | | | | |")
@@ -181,7 +186,8 @@ def summarise(res: dict) -> str:
             lines.append(f"| {name} | | | | | | {sp['step_ratio']:.2f}x | {sp['eval_ratio']:.2f}x | | |")
     lines.append("")
     lines.append(f"{a['task']} {a['digits'] or ''} on the add {a['base_digits']}-digit base (base exact-match "
-                 f"{100 * res['base_exact_match']:.1f}%); n={a['experts']}, k={a['active']}, r={a['rank']}; "
+                 f"{100 * res['base_exact_match']:.1f}%); n={a['experts']}, k={a['active']}, r={a['rank']}, "
+                 f"alpha {a.get('alpha', 2.0)} (omega = {a.get('alpha', 2.0) / (a['active'] * a['rank']):.3g}); "
                  f"{a['steps']} steps, batch {a['batch_size']}, lr {a['lr']}, seeds {a['seeds']}; "
                  f"{res['seconds']:.0f} s in all")
     return "\n".join(lines)
@@ -248,6 +254,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=4, help="r: rank of each LoRA (default 4; the LoRA rows use k r)")
     ap.add_argument("--selections", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4],
                     help="ReMix's M values, one row each (default 2,4)")
+    ap.add_argument("--alpha", type=float, default=2.0,
+                    help="alpha of the mixtures (omega = alpha/(k r)) and of the c=omega LoRA row (default 2)")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
     ap.add_argument("--batch-size", type=int, default=64, help="problems per step (default 64)")
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
@@ -255,7 +263,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                     help="seeds (default 0,1,2)")
     ap.add_argument("--rows", type=lambda s: s.split(","), default=["all"], help="rows to run (default all)")
-    ap.add_argument("--speed-reps", type=int, default=15, help="interleaved timing rounds (default 15)")
+    ap.add_argument("--speed-reps", type=int, default=15, help="interleaved timing rounds (default 15; 0: no timing)")
     ap.add_argument("--speed-width", type=int, default=256,
                     help="also time the rows on an untrained TinyGPT of this width (default 256; 0: skip)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/remix_vs_mixlora.json"), help="results JSON")
