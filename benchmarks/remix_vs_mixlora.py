@@ -129,7 +129,8 @@ def speed(base, task, specs, a) -> dict:
                 eval_t[name].append(t2 - t1)
     ref = next(iter(specs))  # the first row is the reference
     s0, e0 = statistics.median(step_t[ref]), statistics.median(eval_t[ref])
-    return {name: {"step_ratio": statistics.median(step_t[name]) / s0, "eval_ratio": statistics.median(eval_t[name]) / e0,
+    return {name: {"step_ratio": statistics.median(step_t[name]) / s0,
+                   "eval_ratio": statistics.median(eval_t[name]) / e0,
                    "step_ms": 1000 * statistics.median(step_t[name]), "eval_ms": 1000 * statistics.median(eval_t[name])}
             for name in specs}
 
@@ -150,7 +151,7 @@ def run(a) -> dict:
             print(f"seed {seed} {name:20s} exact-match {100 * r['exact_match']:5.1f}%  "
                   f"{r['seconds_per_step'] * 1000:.0f} ms/step  ({time.perf_counter() - t0:.0f} s so far)", flush=True)
     out["speed"] = speed(base, task, specs, a) if a.speed_reps else {}
-    if a.speed_width and a.speed_reps:  # the same rows on a wider, untrained TinyGPT, where FLOPs outweigh per-op overheads
+    if a.speed_width and a.speed_reps:  # the same rows on a wider, untrained TinyGPT: FLOPs outweigh per-op costs
         torch.manual_seed(0)
         wide = TinyGPT(GPTConfig(vocab_size=base.config.vocab_size, n_layer=base.config.n_layer,
                                  n_head=base.config.n_head, n_embd=a.speed_width))
@@ -162,7 +163,8 @@ def run(a) -> dict:
 def summarise(res: dict) -> str:
     a = res["settings"]
     lines = ["| row | exact-match % (mean ± sd) | per seed | trainable params | active params | s/step | "
-             "step time vs LoRA (interleaved) | eval forward vs LoRA | final ESS of the weights (min / mean over layers) "
+             "step time vs LoRA (interleaved) | eval forward vs LoRA | "
+             "final ESS of the weights (min / mean over layers) "
              "| final router ESS (min / mean) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, per_seed in res["rows"].items():
@@ -207,7 +209,8 @@ def ess_over_steps(res: dict) -> str:
 
             def m(key):
                 return statistics.mean(s["log"][key][t] for s in per)
-            cells += [f"{m('ess_min'):.2f} / {m('ess_mean'):.2f}", f"{m('router_ess_min'):.2f} / {m('router_ess_mean'):.2f}"]
+            cells += [f"{m('ess_min'):.2f} / {m('ess_mean'):.2f}",
+                      f"{m('router_ess_min'):.2f} / {m('router_ess_mean'):.2f}"]
         lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

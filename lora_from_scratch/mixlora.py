@@ -1,7 +1,9 @@
 """The learned-router baseline: a MixLoRA-style mixture of LoRAs (Li et al. 2024, arXiv 2404.15159).
 
 The same pool as ReMix (``remix.py``: n LoRAs of rank r and a router P), but
-the router's probabilities are the weights. Per token, with q = softmax(P x)
+the router's probabilities are the weights. (MixLoRA itself puts its experts
+in the feed-forward block and plain LoRAs in attention; here every adapted
+layer gets the same mixture, so that only the routing differs from ReMix.) Per token, with q = softmax(P x)
 and T the indices of its k largest entries:
 
     y = W x + b + k omega * sum_{i in T} w_i B_i A_i x,    w_i = q_i / sum_{j in T} q_j

@@ -296,6 +296,7 @@ def test_finetune_through_the_method_table(tiny_model):
                              base=PretrainConfig(digits=1), progress=False)
         model, metrics = finetune(cfg, base_model=base)
         assert len(metrics["routing_by_layer"]) == 6 and metrics["steps"] == 3
+        assert metrics["train_log"][-1]["step"] == 3 and "ess_min" in metrics["train_log"][-1]
         layers = [m for m in model.modules() if hasattr(m, "router")]
         assert metrics["trainable_parameters"] == sum(  # n LoRAs (r (in + out) each) and an (n, in) router
             m.n * (m.r * (m.in_features + m.out_features) + m.in_features) for m in layers)
