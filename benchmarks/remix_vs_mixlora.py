@@ -236,6 +236,8 @@ def plot(res: dict, path: str) -> None:
     a = res["settings"]
     axes[0].set_title(f"ESS of the applied weights (k = {a['active']})", fontsize=10)
     axes[1].set_title(f"ESS of the router's q over all n = {a['experts']}", fontsize=10)
+    axes[0].set_ylim(0.9, a["active"] + 0.1)  # from full collapse (1) to uniform weights over the k
+    axes[1].set_ylim(0.9, a["experts"] + 0.1)
     for ax in axes:
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
