@@ -1,6 +1,7 @@
 """ReMix (constant weights, RLOO router) and the learned-router baseline (MixLoRA)."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -302,3 +303,21 @@ def test_finetune_through_the_method_table(tiny_model):
             m.n * (m.r * (m.in_features + m.out_features) + m.in_features) for m in layers)
     with pytest.raises(ValueError, match="--omega"):
         finetune(FinetuneConfig(method="remix", scale="rslora", steps=1, progress=False), base_model=base)
+
+
+def test_cli_flags(tiny_model, tmp_path, capsys):
+    from lora_from_scratch.__main__ import main
+    from lora_from_scratch.checkpoint import save_model
+    ck, out = tmp_path / "base.pt", tmp_path / "m.json"
+    save_model(tiny_model(), ck)
+    common = ["--base", str(ck), "--task", "add", "--digits", "1", "--steps", "2", "--batch-size", "8",
+              "--quiet", "--device", "cpu"]
+    assert main(["finetune", "--method", "remix", "--experts", "4", "--active", "2", "--rank", "2",
+                 "--selections", "3", "--omega", "rslora", *common, "--metrics-out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["options"] == {"experts": 4, "active": 2, "selections": 3, "omega": "rslora"}
+    assert m["train_log"][-1]["ess_min"] == 2.0 and "loss_spread" in m["train_log"][-1]
+    assert main(["finetune", "--method", "remix", "--selections", "1", *common]) == 2
+    assert main(["finetune", "--method", "mixlora", "--selections", "2", *common]) == 2
+    err = capsys.readouterr().err
+    assert "M) must be an int >= 2" in err and "--selections is an option of --method remix" in err
