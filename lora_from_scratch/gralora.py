@@ -24,7 +24,9 @@ Hybrid GraLoRA adds a plain LoRA branch of rank ``hybrid_r`` over the whole
 matrix, at the same scale: dW += s * hybrid_B hybrid_A. It gives back some
 global (non-block) capacity at small r, where r/k is tiny.
 
-Scale: ``s = alpha / (r + hybrid_r)`` (HF PEFT's rule; no rsLoRA option).
+Scale: ``s = alpha / (r + hybrid_r)``, HF PEFT's rule, which is the shared
+``lora_scale`` rule "lora" at the total rank r + hybrid_r; the other rules
+("rslora": alpha / sqrt(r + hybrid_r), "none": 1) are there as for LoRA.
 
 Storage, HF PEFT's layout so that weights exchange one to one:
     gralora_A (k, in/k, r):  gralora_A[j][:, i*r/k:(i+1)*r/k] = A_ij^T
@@ -46,7 +48,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterLayer
+from .adapters import AdapterLayer, option
+from .lora import lora_scale
+
+
+@dataclass
+class GraLoRAOptions:
+    """GraLoRA's own settings (besides rank, alpha and scale)."""
+    k: int = option(2, "blocks per side of the k x k grid; rank and layer sizes must be divisible by it "
+                       "(rule of thumb: rank / k^2 about 8)", flag="--gralora-k")
+    hybrid_r: int = option(0, "rank of a plain LoRA branch added to the blocks (hybrid GraLoRA); "
+                              "trainable parameters grow to (rank + hybrid_r)(in + out)")
 
 
 def _is_int(v) -> bool:
@@ -74,13 +86,16 @@ def check_gralora(base: nn.Linear, r, k, hybrid_r) -> None:
 
 
 class GraLoRALinear(AdapterLayer):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, k: int, hybrid_r: int = 0, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, k: int, hybrid_r: int = 0, dropout: float = 0.0,
+                 scale: str = "lora"):
         check_gralora(base, r, k, hybrid_r)  # before super().__init__ freezes the base layer
+        lora_scale(r + hybrid_r, alpha, scale)  # rejects an unknown rule now
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         super().__init__(base)
         self.r, self.k, self.hybrid_r = r, k, hybrid_r  # total block rank, blocks per side, hybrid rank
         self.alpha = float(alpha)
+        self.scale_rule = scale
         n_in, n_out = base.in_features // k, base.out_features // k
         w = base.weight
         # one (r, in/k) slab per input block, each kaiming-uniform on its own fan-in (in/k), as PEFT draws them
@@ -97,14 +112,16 @@ class GraLoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, k={self.k}, hybrid_r={self.hybrid_r}, alpha={self.alpha}"
+        return f"r={self.r}, k={self.k}, hybrid_r={self.hybrid_r}, alpha={self.alpha}, scale={self.scale_rule!r}"
 
     def adapter_config(self) -> dict:
-        return {**super().adapter_config(), "r": self.r, "alpha": self.alpha, "k": self.k, "hybrid_r": self.hybrid_r}
+        return {**super().adapter_config(), "r": self.r, "alpha": self.alpha, "k": self.k, "hybrid_r": self.hybrid_r,
+                "scale": self.scale_rule}
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r + self.hybrid_r)
+        """s = c(r + hybrid_r): alpha / (r + hybrid_r) with the default rule."""
+        return lora_scale(self.r + self.hybrid_r, self.alpha, self.scale_rule)
 
     def block_delta(self, i: int, j: int) -> torch.Tensor:
         """Block (i, j) of the GraLoRA part of dW: s * B_ij A_ij, (out/k, in/k).
