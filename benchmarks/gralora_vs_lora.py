@@ -213,8 +213,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--digits", default="3,1", help="its operand digits (default 3,1: 3-digit by 1-digit)")
     ap.add_argument("--dims", default="256,1024", help="layer widths for the speed table (default 256,1024)")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per batch in the speed table (default 1024)")
-    ap.add_argument("--repeats", type=int, default=5, help="speed: median over this many repeats (default 5)")
-    ap.add_argument("--iters", type=int, default=10, help="speed: iterations per timing (default 10)")
+    ap.add_argument("--repeats", type=int, default=7, help="speed: median over this many repeats (default 7)")
+    ap.add_argument("--iters", type=int, default=20, help="speed: iterations per timing (default 20)")
     ap.add_argument("--skip-quality", action="store_true", help="only the speed table")
     ap.add_argument("--skip-speed", action="store_true", help="only the quality table")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gralora_vs_lora"),
