@@ -282,3 +282,17 @@ def test_tutorial_exercises_pass_with_the_solutions():
         with pytest.raises(NotImplementedError):
             check(namespace[name])  # the stubs are stubs
         check(getattr(solutions, name))
+
+
+def test_fast_path_equals_readable_path_for_awkward_inputs():
+    """Non-contiguous input, and the stride-0 gradient that sum().backward() sends."""
+    g = _trained(GraLoRALinear(_linear(), 4, 8.0, k=2, hybrid_r=1))
+    x = torch.randn(12, 2, 3).permute(1, 2, 0).requires_grad_()  # (2, 3, 12), not contiguous
+    grads = []
+    for forward in (g, lambda t: g.adapter_output(t, g.base(t))):
+        x.grad = None
+        g.zero_grad()
+        forward(x).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in g.adapter_parameters().values()])
+    for fast, readable in zip(*grads):
+        assert torch.allclose(fast, readable, atol=1e-5)
