@@ -28,12 +28,14 @@ helpers shared with adapter_speed.py).
 Writes benchmarks/results/gralora_vs_lora.{json,txt} and the figure
 tutorials/figures/gralora_vs_lora.png. Usage: ``python
 benchmarks/gralora_vs_lora.py [--ranks 8,16,32,64 --seeds 0,1,2 --steps 400]
-[--skip-quality] [--skip-speed]``.
+[--skip-quality] [--skip-speed] [--resume]``. Results are saved after every
+fine-tuning run; ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -70,16 +72,24 @@ def gralora_row(R: int) -> dict:
 
 
 # ----- quality ---------------------------------------------------------------
-def quality(a) -> dict:
+def quality(a, done: list, save) -> dict:
+    """Fine-tune every (rank, method, seed); ``done`` holds runs of an earlier,
+    interrupted call with the same settings (--resume), ``save(runs)`` is
+    called after every run."""
     base_cfg = PretrainConfig(task="add", digits=2, n_embd=a.width, seed=0, progress=False)
     base, info = load_or_pretrain(base_cfg)
     print(f"base: width {a.width}, add 2 digits, exact-match {info.get('test_exact_match')}, {info['path']}",
           flush=True)
+    base_info = {"width": a.width, "task": "add", "digits": 2, "test_exact_match": info.get("test_exact_match")}
     runs = []
     for R in map(int, a.ranks.split(",")):
         for row in ({"name": "lora", "rank": R, "options": {}}, gralora_row(R)):
             method = "lora" if row["name"] == "lora" else "gralora"
             for seed in map(int, a.seeds.split(",")):
+                old = [r for r in done if (r["R"], r["row"], r["seed"]) == (R, row["name"], seed)]
+                if old:
+                    runs.append(old[0])
+                    continue
                 cfg = FinetuneConfig(method=method, rank=row["rank"], alpha=2.0 * R, options=row["options"],
                                      task=a.task, digits=a.digits, steps=a.steps, lr=a.lr, base=base_cfg,
                                      seed=seed, progress=False)
@@ -89,8 +99,8 @@ def quality(a) -> dict:
                              "params": m["trainable_parameters"], "train_seconds": m["train_seconds"]})
                 print(f"R={R} {row['name']} seed {seed}: {m['test_exact_match']:.3f} "
                       f"(loss {m['final_loss']:.3f}, {m['train_seconds']:.1f} s)", flush=True)
-    return {"base": {"width": a.width, "task": "add", "digits": 2,
-                     "test_exact_match": info.get("test_exact_match")}, "runs": runs}
+                save({"base": base_info, "runs": runs})
+    return {"base": base_info, "runs": runs}
 
 
 def quality_table(q: dict) -> str:
@@ -217,19 +227,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=20, help="speed: iterations per timing (default 20)")
     ap.add_argument("--skip-quality", action="store_true", help="only the speed table")
     ap.add_argument("--skip-speed", action="store_true", help="only the quality table")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished runs of the results file (same settings) and its other table")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gralora_vs_lora"),
                     help="results path without extension (default benchmarks/results/gralora_vs_lora)")
     ap.add_argument("--plot", default=str(REPO / "tutorials" / "figures" / "gralora_vs_lora.png"),
                     help="figure path ('' for none)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    settings = {k: v for k, v in vars(a).items() if k not in ("out", "plot")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "plot", "resume", "skip_quality", "skip_speed")}
     res = {"settings": settings, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out = Path(a.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if a.resume and out.with_suffix(".json").exists() else {}
+    if old and old.get("settings") != settings:
+        raise SystemExit(f"--resume: {out.with_suffix('.json')} was made with other settings: {old.get('settings')}")
+    for part in ("speed", "quality"):  # a table this call skips stays as it was
+        if part in old:
+            res[part] = old[part]
     t0 = time.perf_counter()
     if not a.skip_speed:
         res["speed"] = speed(a)
     if not a.skip_quality:
-        res["quality"] = quality(a)
+        done = res.get("quality", {}).get("runs", [])
+        res["quality"] = quality(a, done, lambda q: write_json(out.with_suffix(".json"), {**res, "quality": q}))
     res["seconds"] = time.perf_counter() - t0
     text = [f"torch {torch.__version__}, {torch.get_num_threads()} thread, 2-core shared CPU"]
     if "quality" in res:
@@ -240,7 +260,6 @@ def main(argv=None) -> dict:
                  quality_table(res["quality"])]
     if "speed" in res:
         text += ["", speed_table(res["speed"], a)]
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), res)
     with atomic_write(out.with_suffix(".txt")) as f:
