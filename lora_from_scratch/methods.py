@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
 from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
@@ -71,6 +72,10 @@ def _matryoshka(rank, alpha, scale, opts):
     return lambda lin: MatryoshkaLoRALinear(lin, rank, alpha, train_ranks=opts.train_ranks, scale=scale)
 
 
+def _gralora(rank, alpha, scale, opts):
+    return lambda lin: GraLoRALinear(lin, rank, alpha, k=opts.k, hybrid_r=opts.hybrid_r, scale=scale)
+
+
 def _mixture(layer):
     def build(rank, alpha, scale, opts):
         if scale != "lora":  # the mixtures' scale is omega, set by --omega
@@ -97,6 +102,8 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
                   sub_ranks=True),
     AdapterMethod("matryoshka", "MatryoshkaLoRA: all nested ranks trained at once through a fixed P",
                   _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward),
+    AdapterMethod("gralora", "GraLoRA: a k x k grid of blocks, each with its own rank-R/k LoRA "
+                  "(+ a rank hybrid_r LoRA)", _gralora, options=GraLoRAOptions),
     AdapterMethod("remix", "ReMix: k of n LoRAs per token at a constant weight, router trained by RLOO",
                   _mixture(ReMixLinear), options=ReMixOptions,
                   wrap_loss=lambda loss_fn, opts: rloo_loss(loss_fn, opts.selections),
