@@ -19,7 +19,7 @@ are worth running.
 Per token, each mixture uses k LoRAs of rank r: the same active rank k r as
 the LoRA rows (the mixtures store n/k times more LoRA weights, plus a router).
 
-Reported: greedy exact-match on the fixed 500-problem test set (mean, sd
+Reported: greedy exact-match on the task's fixed test set (mean, sd
 and each seed), trainable and active parameters, seconds per training
 step (from the runs themselves), and the routing over training: ESS of the
 weights each token applies (1 / sum pi_i^2; k for uniform weights over k
