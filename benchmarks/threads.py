@@ -10,8 +10,8 @@ Runs ``python -m lora_from_scratch pretrain`` and ``finetune`` with
   torch's default thread count (one thread per core), as another user's
   training job would.
 
-The order is interleaved (repeat 1: threads 1, 2, 4; repeat 2: 1, 2, 4; ...)
-so that drifts in the machine's load hit every setting alike. Reported: the
+The order is interleaved (repeat 1: idle with threads 1, 2, 4, then busy
+with 1, 2, 4; repeat 2: the same; ...) so that drifts in the machine's load hit every setting alike. Reported: the
 median seconds the command reports (model build, training and the final
 evaluation) and, as the number to read, its ratio to the 1-thread median of
 the same condition. The sizes are cut down to keep the whole run short (see
@@ -19,7 +19,7 @@ the defaults): a 2-digit addition pretraining of --pretrain-steps steps and
 a rank-8 LoRA fine-tune on 2-digit subtraction of --finetune-steps steps,
 from the cached 2-digit base (trained once, untimed, if missing).
 
-Usage: ``python benchmarks/threads.py [--threads 1,2,4] [--repeats 3]``
+Usage: ``python benchmarks/threads.py [--threads 1,2,4] [--repeats 2]``
 Writes benchmarks/results/threads.json and threads.txt (a markdown table).
 """
 
@@ -80,21 +80,38 @@ def table(runs: list[dict], threads: list[int]) -> str:
                     continue
                 secs = [r["seconds"] for r in sel]
                 med = statistics.median(secs)
-                base = med if t == threads[0] else base
+                base = med if base is None else base  # the first thread count that ran
                 accs = sorted({f"{r['test_exact_match']:.3f}" for r in sel})
                 lines.append(f"| {kind} | {cond} | {t} | {med:.1f} ({min(secs):.1f}-{max(secs):.1f}) "
                              f"| {med / base:.2f}x | {', '.join(accs)} |")
     return "\n".join(lines) + "\n"
 
 
+def save(a, threads: list[int], runs: list[dict], done: bool) -> None:
+    """Write the JSON and the markdown table of the runs so far."""
+    loads = [r["load_before"] for r in runs]
+    header = (f"# threads: `pretrain` ({a.pretrain_steps} steps, 2-digit addition) and `finetune` "
+              f"(rank-8 LoRA, {a.finetune_steps} steps, 2-digit subtraction)\n\n"
+              f"{os.cpu_count()} CPU cores shared with other users' work (1-minute load average before "
+              f"the runs: {min(loads):.1f} to {max(loads):.1f}); torch {torch.__version__}; "
+              f"{a.repeats} interleaved repeats; busy = one more process doing torch matrix products "
+              f"at torch's default thread count."
+              + ("" if done else " PARTIAL: the run was stopped before every repeat finished.") + "\n\n")
+    write_json(f"{a.out}.json", {"threads": threads, "repeats": a.repeats, "pretrain_steps": a.pretrain_steps,
+                                 "finetune_steps": a.finetune_steps, "cpu_count": os.cpu_count(),
+                                 "torch": torch.__version__, "complete": done, "runs": runs}, sort_keys=True)
+    with atomic_write(f"{a.out}.txt") as f:
+        f.write(header + table(runs, threads))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", default="1,2,4", help="thread counts to compare, the first is the baseline "
                    "(default 1,2,4)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per setting and condition (default 3)")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining steps (default 200; the "
+    p.add_argument("--repeats", type=int, default=2, help="runs per setting and condition (default 2)")
+    p.add_argument("--pretrain-steps", type=int, default=100, help="pretraining steps (default 100; the "
                    "recipe's 2-digit run is 800)")
-    p.add_argument("--finetune-steps", type=int, default=100, help="LoRA steps (default 100; the CLI's is 600)")
+    p.add_argument("--finetune-steps", type=int, default=50, help="LoRA steps (default 50; the CLI's is 600)")
     p.add_argument("--conditions", default="idle,busy", help="idle, busy or both (default idle,busy)")
     p.add_argument("--out", default=str(RESULTS / "threads"), help="results path without suffix "
                    "(default benchmarks/results/threads)")
@@ -107,34 +124,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run_once("finetune", 1, 1, work)  # untimed: trains and caches the 2-digit base if it is missing
-        for cond in conditions:
-            busy = subprocess.Popen([sys.executable, "-c", BUSY]) if cond == "busy" else None
-            try:
-                time.sleep(1.0 if busy else 0.0)
-                for rep in range(a.repeats):
+        for rep in range(a.repeats):
+            for cond in conditions:
+                busy = subprocess.Popen([sys.executable, "-c", BUSY]) if cond == "busy" else None
+                try:
+                    time.sleep(1.0 if busy else 0.0)
                     for kind in ("pretrain", "finetune"):
                         for t in threads:
                             steps = a.pretrain_steps if kind == "pretrain" else a.finetune_steps
                             r = {**run_once(kind, t, steps, work), "condition": cond, "repeat": rep}
                             runs.append(r)
-                            print(f"{cond:4} repeat {rep} {kind:8} threads {t}: {r['seconds']:.1f} s "
+                            print(f"repeat {rep} {cond:4} {kind:8} threads {t}: {r['seconds']:.1f} s "
                                   f"(load before {r['load_before']:.2f})", flush=True)
-            finally:
-                if busy:
-                    busy.kill()
-                    busy.wait()
-    header = (f"# threads: `pretrain` ({a.pretrain_steps} steps, 2-digit addition) and `finetune` "
-              f"(rank-8 LoRA, {a.finetune_steps} steps, 2-digit subtraction)\n\n"
-              f"{os.cpu_count()} CPU cores, shared with other users' work; torch {torch.__version__}; "
-              f"{a.repeats} interleaved repeats; busy = one other process doing torch matrix products "
-              f"at torch's default thread count.\n\n")
-    text = header + table(runs, threads)
-    print("\n" + text)
-    write_json(f"{a.out}.json", {"threads": threads, "repeats": a.repeats, "pretrain_steps": a.pretrain_steps,
-                                 "finetune_steps": a.finetune_steps, "cpu_count": os.cpu_count(),
-                                 "torch": torch.__version__, "runs": runs}, sort_keys=True)
-    with atomic_write(f"{a.out}.txt") as f:
-        f.write(text)
+                            save(a, threads, runs, done=False)  # stop any time: what ran is kept
+                finally:
+                    if busy:
+                        busy.kill()
+                        busy.wait()
+    save(a, threads, runs, done=True)
+    print("\n" + table(runs, threads))
     return 0
 
 
