@@ -138,9 +138,11 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
                    + " (default lora)")
     p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
-    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's, 2 * rank for lora)")
+    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's: 2 * rank for lora and dylora, "
+                   "1 for matryoshka, as its reference code)")
     p.add_argument("--scale", choices=["lora", "rslora", "none"],
-                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's, lora for lora)")
+                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's: lora for lora and "
+                   "dylora, rslora for matryoshka, as its reference code)")
     p.add_argument("--targets", default="all-linear",
                    help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
     seen = {}  # flag -> methods using it: two methods may share a flag (--train-ranks)

@@ -1,6 +1,6 @@
 """The exercises at the end of every tutorial, checked both ways.
 
-An exercise is a ```python exercise block in tutorials/NN_name.md: a stub
+An exercise is a ```py exercise block in tutorials/NN_name.md: a stub
 to complete, a ``# --- checks ---`` line, then the checks (asserts). Its
 solution is tutorials/solutions/NN_name.py, which defines every name the
 stubs define (tutorials/solutions/README.md gives the convention). Each
@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_tutorials import python_blocks
+from test_tutorials import TUTORIALS, python_blocks
 
 REPO = Path(__file__).resolve().parent.parent
-TUTORIALS = sorted((REPO / "tutorials").glob("*.md"))
 SOLUTIONS = REPO / "tutorials" / "solutions"
-EXERCISE = re.compile(r"^```python exercise\n(.*?)^```", re.S | re.M)
+EXERCISE = re.compile(r"^```py exercise\n(.*?)^```", re.S | re.M)
 CHECKS = "# --- checks ---\n"
 WITH_EXERCISES = ("00_toy_world", "01_lora", "02_dylora", "03_matryoshka_lora")  # 2-4 exercises each
 
@@ -93,7 +92,7 @@ def test_course_tutorials_have_two_to_four_exercises():
 
 
 def test_tutorial_runner_skips_exercise_blocks(tmp_path):
-    text = ("```python\nx = 1\n```\n```python exercise\ndef f():\n    raise NotImplementedError\n"
+    text = ("```python\nx = 1\n```\n```py exercise\ndef f():\n    raise NotImplementedError\n"
             "# --- checks ---\nassert f() == 1\n```\n```python\ny = x + 1\n```\n")
     p = tmp_path / "99_demo.md"
     p.write_text(text)
