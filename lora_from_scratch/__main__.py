@@ -31,8 +31,10 @@ from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
 
-DEFAULT_THREADS = 1  # measured in benchmarks/threads.py: the tiny models gain little from a
-# second thread on an idle machine and lose many times over when another process is busy
+# benchmarks/threads.py, on a shared 2-core machine: 2 threads (torch's own default there) ran
+# 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
+# share of the cores from the other users. One thread is the fair, never-catastrophic choice.
+DEFAULT_THREADS = 1
 
 
 def _positive_int(text: str) -> int:
