@@ -14,6 +14,7 @@ Usage: ``python tutorials/run_notebooks.py [01_lora 03 ...] [--out DIR]``
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,18 +31,28 @@ def tutorials(names=()) -> list[Path]:
     return chosen
 
 
-def run_notebook(path: Path, workdir: Path, timeout: int = 600):
+def run_notebook(path: Path, workdir: Path, timeout: int = 600, threads: int = 1):
     """Convert ``path`` to a notebook and run it in a fresh kernel with cwd
-    ``workdir``. Returns (the executed notebook, seconds)."""
+    ``workdir`` and ``threads`` CPU threads for torch (OMP_NUM_THREADS: on a
+    busy machine, more threads than free cores slow tiny models down many
+    times). Returns (the executed notebook, seconds)."""
     import jupytext
     from nbclient import NotebookClient
 
     nb = jupytext.read(path, fmt="md")
     workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(workdir)}}).execute()
-    return nb, time.perf_counter() - t0
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the kernel inherits it
+    try:
+        t0 = time.perf_counter()
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(workdir)}}).execute()
+        return nb, time.perf_counter() - t0
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def main(argv=None) -> dict[str, float]:
@@ -49,6 +60,7 @@ def main(argv=None) -> dict[str, float]:
     ap.add_argument("names", nargs="*", help="tutorials to run, by name prefix (default: all)")
     ap.add_argument("--out", help="write the executed notebooks (.ipynb) to this folder")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell before giving up (default 600)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in each kernel (default 1)")
     a = ap.parse_args(argv)
     try:
         import jupytext  # noqa: F401
@@ -58,7 +70,7 @@ def main(argv=None) -> dict[str, float]:
     seconds = {}
     with tempfile.TemporaryDirectory() as scratch:
         for path in tutorials(a.names):
-            nb, seconds[path.stem] = run_notebook(path, Path(scratch) / path.stem, a.timeout)
+            nb, seconds[path.stem] = run_notebook(path, Path(scratch) / path.stem, a.timeout, a.threads)
             print(f"{path.name}: {seconds[path.stem]:.1f} s", flush=True)
             if a.out:
                 import nbformat
