@@ -181,7 +181,7 @@ def run_setting(a, name: str) -> dict:
                                                    "seeds": a.seeds},
                "base_steps": base_metrics["steps"], "base_exact_match": base_acc, "ranks": ranks, "rows": {}}
     jobs = [(row, METHOD_ROWS[row], a.rank) for row in a.methods.split(",") if row]
-    if not a.no_reference and not a.reference_from:
+    if not a.no_reference:
         ref_ranks = [int(r) for r in a.reference_ranks.split(",")] if a.reference_ranks else ranks
         jobs += [(f"lora@{r}", dict(method="lora"), r) for r in ref_ranks]
     for row, kw, rank in jobs:
@@ -199,7 +199,7 @@ def run_setting(a, name: str) -> dict:
             model, m = finetune(cfg, base)
             seconds = time.perf_counter() - t0
             size = update_size(model, task, rank)
-            per_seed.append({"by_rank": {int(r): v for r, v in m["exact_match_by_rank"].items()},
+            per_seed.append({"seed": seed, "by_rank": {int(r): v for r, v in m["exact_match_by_rank"].items()},
                              "aurac": m["aurac"], "params": m["trainable_parameters"], "seconds": seconds,
                              "update": size})
             if row == "matryoshka":
@@ -212,29 +212,29 @@ def run_setting(a, name: str) -> dict:
         results["rows"][row] = per_seed
         if row == "matryoshka":  # the diagnostic curve, as a row of its own
             results["rows"]["matryoshka, P kept (diagnostic)"] = [
-                {"by_rank": s["p_truncated"], "params": s["params"], "seconds": 0.0, "update": s["p_update"],
+                {"seed": s["seed"], "by_rank": s["p_truncated"], "params": s["params"], "seconds": 0.0,
+                 "update": s["p_update"],
                  "aurac": aurac(ranks, [100 * s["p_truncated"][r] for r in ranks])} for s in per_seed]
     return results
 
 
-def reference_rows(path: str, name: str, st: dict) -> dict:
-    """The lora@r rows of setting ``name`` from an earlier --json run (they
-    do not depend on the other rows), after checking its settings match."""
-    saved = json.loads(Path(path).read_text())
-    if "rows" in saved:  # a run from before the settings existed: the task switch
-        saved = {"settings": {"task-switch": {**saved, "settings": {**saved["settings"], "base": {}}}}}
-    old = saved["settings"].get(name)
-    if old is None:
-        raise SystemExit(f"{path} has no setting {name!r}")
-    for key in ("task", "scale", "alpha", "steps"):
-        if str(old["settings"].get(key)) != str(st[key]) and not (key == "alpha" and
-                                                                  math.isclose(old["settings"][key], st[key])):
-            raise SystemExit(f"{path}: setting {name!r} has {key}={old['settings'].get(key)}, this run {st[key]}")
-    rows = {k: v for k, v in old["rows"].items() if k.startswith("lora@")}
-    for per_seed in rows.values():
+def merge_rows(have: dict, new: dict) -> None:
+    """Add ``new`` rows to ``have`` (runs of the same setting, e.g. one per
+    seed). A seed both hold must have the same curve (same code, seed and
+    threads: the same run); the measurements one lacks come from the other."""
+    for row, per_seed in new.items():
+        mine = have.setdefault(row, [])
         for p in per_seed:
-            p["by_rank"] = {int(r): v for r, v in p["by_rank"].items()}
-    return rows
+            twin = next((q for q in mine if q.get("seed") == p.get("seed") is not None), None)
+            if twin is None:
+                mine.append(p)
+            elif {int(r): v for r, v in twin["by_rank"].items()} != {int(r): v for r, v in p["by_rank"].items()}:
+                raise SystemExit(f"row {row!r}, seed {p['seed']}: two runs disagree ({twin['by_rank']} "
+                                 f"and {p['by_rank']}); they were not run alike")
+            else:
+                for k, v in p.items():
+                    twin.setdefault(k, v)
+
 
 
 def run(a) -> dict:
@@ -253,11 +253,12 @@ def summarise_setting(results: dict) -> str:
     head = [f"### {results['label']}", "",
             f"Base: {results['base_steps']} pretraining steps, {100 * results['base_exact_match']:.1f}% exact-match "
             f"on the fine-tuning task before fine-tuning. Fine-tuning: {s['steps']} steps, batch {s['batch_size']}, "
-            f"lr {s['lr']}, scale rule {s['scale']} with alpha {s['alpha']:.3g}, R = {s['rank']}, seeds {s['seeds']}.",
+            f"lr {s['lr']}, scale rule {s['scale']} with alpha {s['alpha']:.3g}, R = {s['rank']}. "
+            "Mean ± sd over the seeds in the `seeds` column.",
             ""]
     lines = ["| method | " + " | ".join(f"r={r}" for r in ranks)
-             + " | AURAC | update at R: median (max) | trainable params | seconds |",
-             "|---|" + "---:|" * (len(ranks) + 4)]
+             + " | AURAC | update at R: median (max) | seeds | trainable params | seconds |",
+             "|---|" + "---:|" * (len(ranks) + 5)]
     for name, per_seed in results["rows"].items():
         cells = []
         for r in ranks:
@@ -268,24 +269,23 @@ def summarise_setting(results: dict) -> str:
                 cells.append(f"{statistics.mean(vals):.1f} ± {_sd(vals):.1f}")
         au = [p["aurac"] for p in per_seed]
         au_cell = f"{statistics.mean(au):.1f} ± {_sd(au):.1f}" if not name.startswith("lora@") else ""
-        if all("update" in p for p in per_seed):
-            med = statistics.mean(statistics.median(p["update"].values()) for p in per_seed)
-            top = statistics.mean(max(p["update"].values()) for p in per_seed)
-            size = f"{med:.3f} ({top:.3f})"
+        measured = [p["update"] for p in per_seed if "update" in p]
+        if measured:
+            med = statistics.mean(statistics.median(u.values()) for u in measured)
+            top = statistics.mean(max(u.values()) for u in measured)
+            size = f"{med:.3f} ({top:.3f})" + (f", {len(measured)} of {len(per_seed)} seeds"
+                                                if len(measured) < len(per_seed) else "")
         else:
             size = "not measured"
         secs = statistics.mean(p["seconds"] for p in per_seed)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {au_cell} | {size} "
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {au_cell} | {size} | {len(per_seed)} "
                      f"| {per_seed[0]['params']:,} | {secs:.1f} |")
     ref = [n for n in results["rows"] if n.startswith("lora@")]
     if ref:  # the reference curve: each rank trained on its own
         vals = [[100 * p["by_rank"][int(n[5:])] for p in results["rows"][n]] for n in ref]
         curve = [statistics.mean(v) for v in vals]
         lines.append("| lora@r (curve) | " + " | ".join(f"{c:.1f}" for c in curve)
-                     + f" | {aurac([int(n[5:]) for n in ref], curve):.1f} | | | |")
-    if results.get("reference_from"):
-        lines.append(f"\nThe lora@r rows come from an earlier run with the same settings ({results['reference_from']}), "
-                     "not trained again.")
+                     + f" | {aurac([int(n[5:]) for n in ref], curve):.1f} | | | | |")
     pf = [100 * p["p_forward"] for p in results["rows"].get("matryoshka", []) if "p_forward" in p]
     if pf:
         lines.append(f"\nMatryoshkaLoRA's training forward B diag(P) A (all of P, no truncation): "
@@ -355,9 +355,6 @@ def main(argv=None) -> dict:
                     help=f"rows to run (default {','.join(METHOD_ROWS)})")
     ap.add_argument("--no-reference", action="store_true", help="skip the lora@r rows (one training per rank)")
     ap.add_argument("--reference-ranks", help="train lora@r only at these ranks (default: every evaluation rank)")
-    ap.add_argument("--reference-from", metavar="FILE",
-                    help="take the lora@r rows from an earlier --json run with the same settings instead of "
-                         "training them again")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--json", help="write all results to this JSON file (and the table beside it, as .txt)")
     ap.add_argument("--plot", help="write the rank-accuracy figure to this PNG file (needs matplotlib)")
@@ -371,7 +368,10 @@ def main(argv=None) -> dict:
         for r in runs:  # the rows of one setting may come from several runs (e.g. one per row, in parallel)
             for k, v in r["settings"].items():
                 if k in results["settings"]:
-                    results["settings"][k]["rows"].update(v["rows"])
+                    steps = v["settings"]["steps"]  # a row trained for other steps says so in its name
+                    same = steps == results["settings"][k]["settings"]["steps"]
+                    merge_rows(results["settings"][k]["rows"],
+                               {(row if same else f"{row} ({steps} steps)"): ps for row, ps in v["rows"].items()})
                 else:
                     results["settings"][k] = v
         for res in results["settings"].values():  # JSON keys are strings
@@ -380,10 +380,6 @@ def main(argv=None) -> dict:
                     p["by_rank"] = {int(r): v for r, v in p["by_rank"].items()}
     else:
         results = run(a)
-    for name, res in results["settings"].items():
-        if a.reference_from and not any(k.startswith("lora@") for k in res["rows"]):
-            res["rows"].update(reference_rows(a.reference_from, name, res["settings"]))
-            res["reference_from"] = a.reference_from
     table = summarise(results)
     print("\nexact-match (%) by evaluation rank, mean ± sd over seeds\n")
     print(table)
