@@ -46,8 +46,8 @@ from lora_from_scratch.train import evaluate
 
 METHOD_ROWS = {  # row name -> FinetuneConfig settings
     "lora": dict(method="lora"),
-    "dylora": dict(method="dylora", frozen=True),
-    "dylora-nf": dict(method="dylora", frozen=False),
+    "dylora": dict(method="dylora"),
+    "dylora-nf": dict(method="dylora", options={"unfrozen": True}),
     "matryoshka": dict(method="matryoshka"),
 }
 
@@ -91,8 +91,9 @@ def run(a) -> dict:
         for seed in map(int, a.seeds.split(",")):
             # S = {1, 2, 4, ..., R} for MatryoshkaLoRA; DyLoRA samples b from 1..R
             # (its default, METHODS.md section 2); LoRA has no rank set
-            train_ranks = tuple(ranks) if kw["method"] == "matryoshka" else None
-            cfg = FinetuneConfig(rank=rank, alpha=a.alpha, scale=a.scale, train_ranks=train_ranks,
+            if kw["method"] == "matryoshka":
+                kw = {**kw, "options": {"train_ranks": tuple(ranks)}}
+            cfg = FinetuneConfig(rank=rank, alpha=a.alpha, scale=a.scale,
                                  task=a.task, digits=a.digits,
                                  steps=a.steps, lr=a.lr, batch_size=a.batch_size, base=base_cfg,
                                  eval_ranks=tuple(r for r in ranks if r <= rank), seed=seed, progress=False, **kw)

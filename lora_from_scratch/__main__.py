@@ -3,7 +3,7 @@
     data      write the fixed evaluation sets to data/
     pretrain  train a base TinyGPT from scratch on one task
     eval      greedy exact-match of a checkpoint on a task or a data file
-    finetune  add LoRA / DyLoRA / MatryoshkaLoRA adapters to a base and train them
+    finetune  add adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) to a base and train them
     demo      pretrain a base on addition, then teach it subtraction with LoRA
 
 Every command takes --seed, --device and --metrics-out FILE: its final
@@ -21,7 +21,9 @@ from pathlib import Path
 
 from .adapters import save_adapters
 from .checkpoint import jsonable, load_model, save_model, write_json
-from .recipes import METHODS, FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
+from .adapters import int_list
+from .methods import METHODS, get_method, option_flags
+from .recipes import FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     default_cache, pretrain, resolve_device
 from .data import load_problems, save_problems
 from .tasks import DEFAULT_DIGITS, TASKS, Task
@@ -110,22 +112,79 @@ def cmd_eval(a) -> dict:
     return {"task": task.spec(), "test_exact_match": acc, "seconds": time.perf_counter() - t0}
 
 
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    """--method, the settings every method shares, and one group of flags
+    per method, built from the method table (methods.py)."""
+    p.add_argument("--method", default="lora", choices=list(METHODS),
+                   help="adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                   + " (default lora)")
+    p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
+    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's, 2 * rank for lora)")
+    p.add_argument("--scale", choices=["lora", "rslora", "none"],
+                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's, lora for lora)")
+    p.add_argument("--targets", default="all-linear",
+                   help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
+    seen = {}  # flag -> methods using it: two methods may share a flag (--train-ranks)
+    for m in METHODS.values():
+        for name, flag, default, text, parse in option_flags(m):
+            seen.setdefault(flag, []).append((m.name, name, default, text, parse))
+    groups = {}
+    for flag, users in seen.items():
+        first = users[0]
+        title = " and ".join(u[0] for u in users)
+        g = groups.setdefault(title, p.add_argument_group(f"options of --method {title}"))
+        text = "; ".join(f"{u[0]}: {u[3]}" for u in users) if len(users) > 1 else first[3]
+        text += f" (default {first[2]})" if first[2] not in (None, False) else ""
+        dest = "opt_" + flag.lstrip("-").replace("-", "_")
+        if isinstance(first[2], bool):
+            g.add_argument(flag, dest=dest, action="store_const", const=not first[2], default=None, help=text)
+        else:  # parsed in _method_options, where the chosen method is known
+            g.add_argument(flag, dest=dest, type=str, default=None, metavar=flag.lstrip("-").upper().replace("-", "_"),
+                           help=text)
+    p.set_defaults(option_users=seen)
+
+
+def _method_options(a) -> dict:
+    """The chosen method's options that were given on the command line; a
+    flag that belongs to another method is an error rather than ignored."""
+    out = {}
+    for flag, users in a.option_users.items():
+        value = getattr(a, "opt_" + flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        mine = [u for u in users if u[0] == a.method]
+        if not mine:
+            raise ValueError(f"{flag} is an option of --method {' / '.join(u[0] for u in users)}, "
+                             f"not of --method {a.method}")
+        _, name, default, _, parse = mine[0]
+        if isinstance(value, str):
+            parse = parse or type(default)
+            try:
+                value = parse(value)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+        out[name] = value
+    return out
+
+
 def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
-    ints = lambda s: tuple(int(x) for x in s.split(",")) if s else None  # noqa: E731
-    return FinetuneConfig(method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale,
+    return FinetuneConfig(method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale, options=_method_options(a),
                           targets=tuple(a.targets.split(",")) if a.targets != "all-linear" else "all-linear",
                           task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                          frozen=not a.unfrozen, train_ranks=ints(a.train_ranks), eval_ranks=ints(a.eval_ranks),
+                          eval_ranks=int_list(a.eval_ranks) if a.eval_ranks else None,
                           base=base, seed=a.seed, device=base.device, progress=not a.quiet)
 
 
-def _print_rank_table(m: dict) -> None:
+def _print_results(m: dict) -> None:
     print(f"{m['method']} R={m['rank']} on {m['task']['name']}: base exact-match {m['base_exact_match']:.4f}")
-    print("| rank | exact-match |\n|---:|---:|")
-    for r, acc in m["exact_match_by_rank"].items():
-        print(f"| {r} | {acc:.4f} |")
-    print(f"AURAC (log2 ranks, %): {m['aurac']:.2f}; trainable parameters {m['trainable_parameters']}; "
-          f"{m['seconds']:.1f} s")
+    if "exact_match_by_rank" in m:
+        print("| rank | exact-match |\n|---:|---:|")
+        for r, acc in m["exact_match_by_rank"].items():
+            print(f"| {r} | {acc:.4f} |")
+        print(f"AURAC (log2 ranks, %): {m['aurac']:.2f}")
+    else:
+        print(f"test exact-match {m['test_exact_match']:.4f}")
+    print(f"trainable parameters {m['trainable_parameters']}; {m['seconds']:.1f} s")
 
 
 def cmd_finetune(a) -> dict:
@@ -137,7 +196,7 @@ def cmd_finetune(a) -> dict:
                               progress=not a.quiet)
     cfg = _finetune_config(a, base_cfg)
     model, metrics = finetune(cfg, base_model, cache_dir=a.cache_dir)
-    _print_rank_table(metrics)
+    _print_results(metrics)
     if a.save_adapters:
         save_adapters(model, a.save_adapters, finetune=jsonable(asdict(cfg)), metrics=metrics,
                       base_checkpoint=a.base)  # when set, the base used (cfg.base then describes no model)
@@ -204,20 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("finetune", help="train LoRA / DyLoRA / MatryoshkaLoRA adapters on a new task")
-    p.add_argument("--method", default="lora", choices=METHODS, help="adapter (default lora)")
-    p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
-    p.add_argument("--alpha", type=float, help="scale numerator alpha (default 2 * rank)")
-    p.add_argument("--scale", default="lora", choices=["lora", "rslora", "none"], help="scale rule c(r)")
-    p.add_argument("--targets", default="all-linear",
-                   help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
+    p = sub.add_parser("finetune", help="train adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) on a new task")
+    _adapter_args(p)
     _task_args(p, "sub")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--unfrozen", action="store_true", help="DyLoRA: train all components 1..b, not only b")
-    p.add_argument("--train-ranks", help="Matryoshka S / DyLoRA rank set, e.g. 1,2,4,8 (default powers of 2 / 1..R)")
-    p.add_argument("--eval-ranks", help="sub-ranks to evaluate, e.g. 1,2,4,8 (default powers of 2 up to R)")
+    p.add_argument("--eval-ranks", help="sub-ranks to evaluate (lora, dylora, matryoshka), e.g. 1,2,4,8 "
+                   "(default powers of 2 up to R)")
     p.add_argument("--base", help="base checkpoint (default: pretrain one on --base-task, cached)")
     p.add_argument("--base-task", default="add", choices=TASKS, help="task of the cached base (default add)")
     p.add_argument("--base-digits", help="digits of the cached base (default: the task's default)")

@@ -22,6 +22,8 @@ and loading the adapter weights alone.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import MISSING, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -267,3 +269,20 @@ def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
         for k, p in own.items():
             p.copy_(state[k])
     return ckpt.get("meta", {})
+
+
+# ----- method options -------------------------------------------------------
+def option(default=MISSING, help: str = "", flag: str | None = None, parse: Callable | None = None):
+    """A field of a method's options dataclass: its default, a one-line help
+    (shown by ``--help``), and optionally the CLI flag (default: the field's
+    name, ``train_ranks`` -> ``--train-ranks``) and a parser for the flag's
+    text (default: the type of the default; bools become on/off switches)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "parse": parse})
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """A flag's text "1,2,4" as (1, 2, 4)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None

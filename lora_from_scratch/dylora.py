@@ -24,11 +24,21 @@ wraps any loss function, so the shared training loop stays unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from .adapters import adapter_layers
+from .adapters import adapter_layers, int_list, option
 from .lora import LoRALinear
+
+
+@dataclass
+class DyLoRAOptions:
+    """DyLoRA's own settings (besides rank, alpha and scale)."""
+    unfrozen: bool = option(False, "train all components 1..b each step, not only component b")
+    train_ranks: tuple | None = option(None, "the ranks a step draws from, e.g. 1,2,4,8 (default 1..R)",
+                                       parse=int_list)
 
 
 class DyLoRALinear(LoRALinear):

@@ -29,11 +29,20 @@ x range, so it stays in the units of accuracy.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .adapters import int_list, option
 from .lora import LoRALinear, lora_scale
+
+
+@dataclass
+class MatryoshkaOptions:
+    """MatryoshkaLoRA's own settings (besides rank, alpha and scale)."""
+    train_ranks: tuple | None = option(None, "the nested ranks S trained at once, e.g. 2,8 "
+                                       "(default 1, 2, 4, ..., R)", parse=int_list)
 
 
 def default_train_ranks(max_rank: int) -> list[int]:

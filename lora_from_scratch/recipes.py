@@ -19,9 +19,9 @@ import torch
 
 from .adapters import add_adapters, trainable_parameters
 from .checkpoint import jsonable, load_model, save_model
-from .dylora import DyLoRALinear, with_rank_sampling
-from .lora import LoRALinear, evaluate_ranks
-from .matryoshka import MatryoshkaLoRALinear, aurac
+from .lora import evaluate_ranks
+from .matryoshka import aurac
+from .methods import get_method
 from .model import GPTConfig, TinyGPT
 from .data import train_batches
 from .tasks import Task, parse_digits
@@ -163,15 +163,13 @@ def load_or_pretrain(cfg: PretrainConfig, cache_dir=None) -> tuple[TinyGPT, dict
 
 
 # ----- fine-tuning ----------------------------------------------------------
-METHODS = ("lora", "dylora", "matryoshka")
-
-
 @dataclass
 class FinetuneConfig:
-    method: str = "lora"  # "lora", "dylora" or "matryoshka"
+    method: str = "lora"  # a name in methods.METHODS: "lora", "dylora", "matryoshka", ...
     rank: int = 8  # (maximum) adapter rank R
-    alpha: float | None = None  # scale numerator; None: alpha = 2 * rank
-    scale: str = "lora"  # scale rule c(r): "lora", "rslora" or "none"
+    alpha: float | None = None  # scale numerator; None: the method's default (2 * rank for LoRA)
+    scale: str | None = None  # scale rule c(r): "lora", "rslora" or "none"; None: the method's default
+    options: dict = field(default_factory=dict)  # the method's own settings, e.g. {"unfrozen": True}
     targets: tuple | str = "all-linear"  # which linear layers get adapters
     task: str = "sub"  # task to fine-tune on (the base has not seen it)
     digits: tuple | str | int | None = None  # its operand size
@@ -179,36 +177,44 @@ class FinetuneConfig:
     batch_size: int = 128  # problems per step
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 30  # linear warmup
-    frozen: bool = True  # DyLoRA: only the sampled component learns
-    train_ranks: tuple | None = None  # Matryoshka S; DyLoRA's rank set; None: defaults
-    eval_ranks: tuple | None = None  # sub-ranks to evaluate; None: {1, 2, 4, ..., R}
+    eval_ranks: tuple | None = None  # sub-ranks to evaluate (methods with sub-ranks); None: {1, 2, 4, ..., R}
     base: PretrainConfig = field(default_factory=PretrainConfig)  # the base model to adapt
     seed: int = 0  # seeds the adapters, the data and the training
     device: str = "cpu"  # "cpu" or "cuda"
     progress: bool = True  # show a progress bar
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        spec = get_method(self.method)
         self.digits = parse_digits(self.task, self.digits)
         if self.alpha is None:
-            self.alpha = 2.0 * self.rank
+            self.alpha = spec.default_alpha(self.rank)
+        if self.scale is None:
+            self.scale = spec.default_scale
+        spec.make_options(self.options)  # an option the method does not have is an error now
+        if self.eval_ranks and not spec.sub_ranks:
+            raise ValueError(f"method {self.method!r} has no sub-ranks to evaluate; drop eval_ranks")
 
 
-def make_adapter_factory(cfg: FinetuneConfig):
-    """``linear -> adapter`` for the configured method."""
-    if cfg.method == "lora":
-        return lambda lin: LoRALinear(lin, cfg.rank, cfg.alpha, scale=cfg.scale)
-    if cfg.method == "dylora":
-        return lambda lin: DyLoRALinear(lin, cfg.rank, cfg.alpha, frozen=cfg.frozen, ranks=cfg.train_ranks,
-                                        scale=cfg.scale)
-    return lambda lin: MatryoshkaLoRALinear(lin, cfg.rank, cfg.alpha, train_ranks=cfg.train_ranks, scale=cfg.scale)
+def adapt(model, method: str, rank: int, alpha: float, scale: str, options: dict | None = None,
+          targets="all-linear"):
+    """Put ``method``'s adapters into ``model`` (in place) and return the
+    method's ``wrap_loss(loss_fn)``: the identity for methods whose training
+    step is plain, e.g. DyLoRA's per-step rank draw otherwise. Shared by
+    ``finetune`` and the RL recipes, so any adapter trains with any objective."""
+    spec = get_method(method)
+    opts = spec.make_options(options)
+    add_adapters(model, spec.build(rank, alpha, scale, opts), targets)
+    if spec.wrap_loss is None:
+        return lambda loss_fn: loss_fn
+    return lambda loss_fn: spec.wrap_loss(loss_fn, opts)
 
 
 def finetune(cfg: FinetuneConfig, base_model: TinyGPT | None = None, cache_dir=None):
     """Add adapters to the base model, train them on ``cfg.task``, and
-    evaluate every sub-rank. Returns (model, metrics)."""
+    evaluate them (every sub-rank, for methods that have them). Returns
+    (model, metrics)."""
     t_start = time.perf_counter()
+    spec = get_method(cfg.method)
     if base_model is None:
         base_model, _ = load_or_pretrain(cfg.base, cache_dir)
     model = copy.deepcopy(base_model).to(cfg.device)  # the caller's base stays untouched
@@ -219,27 +225,24 @@ def finetune(cfg: FinetuneConfig, base_model: TinyGPT | None = None, cache_dir=N
         raise ValueError(f"task {cfg.task} needs {longest} positions, the base model has {model.config.block_size}")
     base_acc = evaluate(model, task)
     torch.manual_seed(cfg.seed)  # adapter init
-    add_adapters(model, make_adapter_factory(cfg), cfg.targets)
-    loss_fn = with_rank_sampling(sft_loss) if cfg.method == "dylora" else sft_loss
+    wrap = adapt(model, cfg.method, cfg.rank, cfg.alpha, cfg.scale, cfg.options, cfg.targets)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                        progress=cfg.progress)
     t0 = time.perf_counter()
-    res = train(model, loss_fn, train_batches(task, tok, cfg.batch_size, cfg.seed + 10_000), tcfg)
+    res = train(model, wrap(sft_loss), train_batches(task, tok, cfg.batch_size, cfg.seed + 10_000), tcfg)
     train_seconds = time.perf_counter() - t0
-    extra = {}
-    if cfg.method == "matryoshka":  # the training forward B diag(P) A, for comparison with the sub-ranks
-        extra["p_forward_exact_match"] = evaluate(model, task)
-    ranks = cfg.eval_ranks or tuple(r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < cfg.rank) + (cfg.rank,)
-    by_rank = evaluate_ranks(model, task, ranks)
-    metrics = {
-        "method": cfg.method, "task": task.spec(), "rank": cfg.rank, "alpha": cfg.alpha,
-        "base_exact_match": base_acc,
-        "test_exact_match": by_rank[cfg.rank] if cfg.rank in by_rank else evaluate_ranks(model, task, [cfg.rank])[cfg.rank],
-        "exact_match_by_rank": {str(r): a for r, a in by_rank.items()},
-        "aurac": aurac(list(by_rank), [100 * a for a in by_rank.values()]),
-        "trainable_parameters": trainable_parameters(model),
-        "steps": res.steps, "final_loss": res.losses[-1] if res.losses else None, **extra,
-        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
-    }
+    extra = spec.extra_metrics(model, task, spec.make_options(cfg.options)) if spec.extra_metrics else {}
+    metrics = {"method": cfg.method, "task": task.spec(), "rank": cfg.rank, "alpha": cfg.alpha, "scale": cfg.scale,
+               "options": jsonable(asdict(spec.make_options(cfg.options))), "base_exact_match": base_acc}
+    if spec.sub_ranks:
+        ranks = cfg.eval_ranks or tuple(r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < cfg.rank) + (cfg.rank,)
+        by_rank = evaluate_ranks(model, task, ranks)
+        full = by_rank[cfg.rank] if cfg.rank in by_rank else evaluate_ranks(model, task, [cfg.rank])[cfg.rank]
+        metrics.update(test_exact_match=full, exact_match_by_rank={str(r): a for r, a in by_rank.items()},
+                       aurac=aurac(list(by_rank), [100 * a for a in by_rank.values()]))
+    else:
+        metrics["test_exact_match"] = evaluate(model, task)
+    metrics.update(trainable_parameters=trainable_parameters(model), steps=res.steps,
+                   final_loss=res.losses[-1] if res.losses else None, **extra,
+                   train_seconds=train_seconds, seconds=time.perf_counter() - t_start)
     return model, metrics
-

@@ -111,3 +111,32 @@ def test_corrupt_checkpoint_and_bad_task_name(tmp_path, capsys):
         build_parser().parse_args(["pretrain", "--task", "div"])
     assert e.value.code == 2
     assert "invalid choice: 'div'" in capsys.readouterr().err
+
+
+def test_every_method_in_the_table_has_its_options_in_help(capsys):
+    from lora_from_scratch.methods import METHODS, option_flags
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    for m in METHODS.values():
+        assert m.name in out
+        for _, flag, *_ in option_flags(m):
+            assert flag in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--method", "lora", "--unfrozen"], "--unfrozen is an option of --method dylora, not of --method lora"),
+    (["finetune", "--method", "lora", "--train-ranks", "1,2"], "--train-ranks is an option of --method dylora / matryoshka"),
+    (["finetune", "--method", "dylora", "--train-ranks", "2,x"], "--train-ranks: expected comma-separated integers"),
+])
+def test_options_of_another_method_are_refused(argv, message, capsys):
+    assert main(argv + ["--steps", "1", "--quiet", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_config_refuses_unknown_options():
+    from lora_from_scratch.recipes import FinetuneConfig
+    with pytest.raises(ValueError, match=r"method 'lora' has no option\(s\) \['unfrozen'\]"):
+        FinetuneConfig(method="lora", options={"unfrozen": True})
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        FinetuneConfig(method="nope")

@@ -1,0 +1,100 @@
+"""The one table of fine-tuning methods: ``--method NAME`` -> how to build it.
+
+Every adapter method plugs into the recipes (``finetune``, ``rl``) and the
+CLI through one ``AdapterMethod`` entry in ``METHODS``, so neither grows a
+branch per method. An entry says:
+
+- how to build the adapter for one ``nn.Linear`` from the settings every
+  method shares (rank, alpha, scale rule) and the method's own options;
+- the method's own options: a small dataclass that lives next to its layer
+  (``DyLoRAOptions`` in dylora.py, ...), one field per setting, each made with
+  ``option(default, help)``. The CLI turns every field into a flag
+  (``--train-ranks``), listed under the method's name in ``--help``;
+- how the method changes a training step, if it does: ``wrap_loss`` wraps any
+  objective (DyLoRA draws a rank per step), so adapters and objectives compose;
+- how it is evaluated: ``sub_ranks`` (also score every truncation to rank r'),
+  and ``extra_metrics`` (anything else worth reporting after training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .lora import LoRALinear
+from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
+from .train import evaluate
+
+
+@dataclass
+class NoOptions:
+    """A method without settings of its own."""
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    name: str  # the --method name
+    summary: str  # one line for --help
+    # build(rank, alpha, scale, options) -> make_adapter(linear) -> AdapterLayer
+    build: Callable
+    options: type = NoOptions  # dataclass of the method's own settings (fields made with option())
+    wrap_loss: Callable | None = None  # (loss_fn, options) -> loss_fn: how a training step differs
+    sub_ranks: bool = False  # evaluate every truncation to rank r' <= R after training
+    extra_metrics: Callable | None = None  # (model, task, options) -> dict, run before sub-rank evaluation
+    default_scale: str = "lora"  # scale rule c(r) when none is given
+    default_alpha: Callable = lambda rank: 2.0 * rank  # alpha when none is given
+
+    def make_options(self, given: dict | None = None):
+        """The options dataclass filled from ``given``; a key the method does
+        not have is an error that lists the ones it has."""
+        given = dict(given or {})
+        known = {f.name for f in fields(self.options)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no option(s) {unknown}; "
+                             f"its options are {sorted(known) or 'none'}")
+        return self.options(**given)
+
+
+def _lora(rank, alpha, scale, opts):
+    return lambda lin: LoRALinear(lin, rank, alpha, scale=scale)
+
+
+def _dylora(rank, alpha, scale, opts):
+    return lambda lin: DyLoRALinear(lin, rank, alpha, frozen=not opts.unfrozen, ranks=opts.train_ranks, scale=scale)
+
+
+def _matryoshka(rank, alpha, scale, opts):
+    return lambda lin: MatryoshkaLoRALinear(lin, rank, alpha, train_ranks=opts.train_ranks, scale=scale)
+
+
+def _p_forward(model, task, opts) -> dict:
+    # the training forward B diag(P) A, to compare with the sub-ranks (a fresh layer is at rank None)
+    return {"p_forward_exact_match": evaluate(model, task)}
+
+
+METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
+    AdapterMethod("lora", "LoRA: W + c(R) B A", _lora, sub_ranks=True),
+    AdapterMethod("dylora", "DyLoRA: one rank b drawn per step, every rank usable after training", _dylora,
+                  options=DyLoRAOptions, wrap_loss=lambda loss_fn, opts: with_rank_sampling(loss_fn),
+                  sub_ranks=True),
+    AdapterMethod("matryoshka", "MatryoshkaLoRA: all nested ranks trained at once through a fixed P",
+                  _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward),
+)}
+
+
+def get_method(name: str) -> AdapterMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def option_flags(method: AdapterMethod) -> list[tuple[str, str, object, str, Callable | None]]:
+    """(field, flag, default, help, parse) for every option of ``method``."""
+    out = []
+    for f in fields(method.options):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        out.append((f.name, flag, f.default, meta.get("help", ""), meta.get("parse")))
+    return out
