@@ -121,7 +121,8 @@ class GradNormProbe:
     last step too). ``remove()`` takes the hooks off.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, max_steps: int | None = None):
+        self.max_steps = max_steps  # count only the first max_steps steps (None: all)
         self.names = [n for n, _ in adapter_layers(model)]
         if not self.names:
             raise ValueError("the model has no adapters to probe")
@@ -141,10 +142,12 @@ class GradNormProbe:
     def end_step(self) -> None:
         if not self._seen:
             return
+        counted = self.max_steps is None or self.steps < self.max_steps
         for n in self.names:
-            self.totals[n] += math.sqrt(self._pending[n])
+            if counted:
+                self.totals[n] += math.sqrt(self._pending[n])
             self._pending[n] = 0.0
-        self.steps += 1
+        self.steps += counted
         self._seen = False
 
     def wrap(self, loss_fn):
@@ -224,3 +227,25 @@ def variant_ranks(variant: str, names: Sequence[str], rank: int, budget: int | N
 def layer_rank_caps(model: nn.Module) -> list[int]:
     """min(in, out) of every adapted layer: the largest rank it can take."""
     return [min(m.in_features, m.out_features) for _, m in adapter_layers(model)]
+
+
+def probe_and_rebuild(model: nn.Module, loss_fn, batches, warmup, variant: str, rank: int, make_adapter,
+                      budget: int | None = None, seed: int = 0) -> dict:
+    """Stages 1 to 3 of the module docstring on a model with uniform rank-
+    ``rank`` adapters: train ``warmup`` (a ``TrainConfig``) with ``loss_fn``
+    (e.g. GRPO's) while probing, allocate by ``variant``, rebuild with
+    ``make_adapter(linear, rank)``. Returns what was measured and chosen."""
+    from .train import train  # the shared loop, unchanged
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown rank allocation {variant!r}; expected one of {VARIANTS}")
+    probe = GradNormProbe(model)
+    try:
+        train(model, probe.wrap(loss_fn), batches, warmup)
+        shares = probe.shares()
+    finally:
+        probe.remove()
+    ranks = variant_ranks(variant, list(shares), rank, budget, shares, layer_rank_caps(model), seed)
+    rebuild_adapters(model, ranks, make_adapter)
+    return {"rank_allocation": variant, "rank_budget": sum(ranks.values()), "warmup_steps": warmup.steps,
+            "probe_shares": shares, "ranks": ranks, "share_spread_before": share_spread(list(shares.values()))}

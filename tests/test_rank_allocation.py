@@ -156,3 +156,27 @@ def test_tutorial_08_exercise_solutions():
     run_exercise_checks("08_rank_allocation.md", "08_rank_allocation.py",
                         {"check_largest_remainder": "largest_remainder",
                          "check_lora_parameter_count": "lora_parameter_count"})
+
+
+def test_probe_and_rebuild_with_the_shared_loop(tiny_model):
+    from lora_from_scratch.data import train_batches
+    from lora_from_scratch.rank_allocation import probe_and_rebuild
+    from lora_from_scratch.tasks import Task
+    from lora_from_scratch.tokenizer import Tokenizer
+    from lora_from_scratch.train import TrainConfig, sft_loss
+
+    model, base = _lora_model(tiny_model), tiny_model()
+    batches = train_batches(Task("add", 1), Tokenizer(), 16, seed=0)
+    info = probe_and_rebuild(model, sft_loss, batches, TrainConfig(steps=3, progress=False), "gradient", 4,
+                             lambda lin, r: LoRALinear(lin, r, 8.0), budget=20)
+    assert info["rank_budget"] == 20 and sum(info["ranks"].values()) == 20
+    assert sum(info["probe_shares"].values()) == pytest.approx(1.0)
+    assert info["share_spread_before"] >= 1.0
+    ids = _batch()
+    assert torch.equal(model(ids), base(ids))
+    assert all(not p._backward_hooks for p in model.parameters())  # the probe took its hooks off
+    probe = GradNormProbe(model, max_steps=1)
+    for step in range(3):
+        model(ids).sum().backward()
+        probe.end_step()
+    assert probe.steps == 1
