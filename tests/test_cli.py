@@ -8,7 +8,7 @@ import pytest
 from lora_from_scratch.__main__ import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["data", "pretrain", "eval", "finetune", "demo"]
+COMMANDS = ["data", "pretrain", "eval", "finetune", "demo", "rl"]
 BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
 SMALL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--quiet", "--device", "cpu"]
 
