@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .adapters import save_adapters
@@ -230,6 +230,36 @@ def cmd_demo(a) -> dict:
             "sub_lora_exact_match": fm["test_exact_match"], "seconds": time.perf_counter() - t0}
 
 
+def _algo_option_flags() -> list:
+    """(flag, field, algos, default, help, parse) for every setting an --algo
+    adds to GRPO's (its config class's own fields, made with ``option``)."""
+    from .grpo import GRPOConfig
+    from .rl import ALGOS
+    shared = {f.name for f in fields(GRPOConfig)}
+    out = {}
+    for algo, cls in ALGOS.items():
+        for f in fields(cls.config_class):
+            if f.name not in shared:
+                flag = "--" + f.name.replace("_", "-")
+                entry = out.setdefault(flag, [flag, f.name, [], f.default, f.metadata.get("help", ""),
+                                              f.metadata.get("parse")])
+                entry[2].append(algo)
+    return list(out.values())
+
+
+def _algo_options(a) -> dict:
+    """The --algo's own settings given on the command line; one of another
+    algo is an error rather than ignored."""
+    out = {}
+    for flag, name, algos, *_ in _algo_option_flags():
+        value = getattr(a, "algo_" + name)
+        if value is not None:
+            if a.algo not in algos:
+                raise ValueError(f"{flag} is an option of --algo {' / '.join(algos)}, not of --algo {a.algo}")
+            out[name] = value
+    return out
+
+
 def cmd_rl(a) -> dict:
     from .rl import RLConfig, rl_finetune
     device = resolve_device(a.device)
@@ -240,7 +270,8 @@ def cmd_rl(a) -> dict:
                    beta=a.beta, eps_low=a.eps_low, eps_high=a.eps_high, loss_type=a.loss_type,
                    adv_scale=a.adv_scale, mu=a.mu, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
                    steps=a.steps, lr=a.lr, eval_every=a.eval_every, base_steps=a.base_steps, seed=a.seed,
-                   base_seed=a.base_seed, device=device, progress=not a.quiet)
+                   base_seed=a.base_seed, device=device, progress=not a.quiet, algo_options=_algo_options(a),
+                   rank_allocation=a.rank_allocation, rank_budget=a.rank_budget, rank_warmup=a.rank_warmup)
     model, m = rl_finetune(cfg, base_model, cache_dir=a.cache_dir)
     print(f"{m['algo']} with {m['method']} R={m['rank']} on {m['task']['name']}: test exact-match "
           f"{m['base_exact_match']:.4f} -> {m['test_exact_match']:.4f} in {m['steps']} steps, {m['seconds']:.1f} s")
@@ -335,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"greedy test exact-match every N steps (default {d.eval_every}; 0: only at the end)")
+    g = p.add_argument_group("rank allocation (probe a uniform warm-up, reallocate the ranks, train on)")
+    g.add_argument("--rank-allocation", choices=["uniform", "gradient", "random"],
+                   help="how to share the rank budget between layers after the probe (default: no probe)")
+    g.add_argument("--rank-budget", type=int, help="total rank over the adapted layers (default: layers x --rank)")
+    g.add_argument("--rank-warmup", type=int, default=d.rank_warmup,
+                   help=f"probe steps at uniform rank before reallocating (default {d.rank_warmup})")
+    g = p.add_argument_group("options of one --algo")
+    for flag, name, algos, default, text, parse in _algo_option_flags():
+        g.add_argument(flag, dest="algo_" + name, type=parse or type(default), default=None,
+                       metavar=name.upper(),
+                       help=f"[{'/'.join(algos)}] {text}")
     p.add_argument("--base", help="starting checkpoint (default: the task's partly supervised base, cached)")
     p.add_argument("--base-steps", type=int, help="supervised steps of the cached starting base (default: per task)")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the cached starting base (default 0)")

@@ -32,19 +32,24 @@ not the paper's long chains of thought.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .adapters import option
+from .grpo import GRPOConfig, GRPOObjective, Rollouts, grpo_loss, token_logprobs
+from .tasks import stable_hash
+
 
 @dataclass
-class SelectionConfig:
-    alpha: int = 1  # always keep each completion's first alpha tokens
-    p: float = 0.5  # keep each later token with this probability
-    k: int | None = None  # keep at most k tokens per completion (None: no cap)
+class SGRPOConfig(GRPOConfig):
+    keep_first: int = option(1, "alpha: always keep each completion's first alpha tokens (default 1)")
+    keep_prob: float = option(0.5, "p: keep each later token with this probability (default 0.5)", parse=float)
+    keep_max: int | None = option(None, "k: keep at most k tokens per completion (default: no cap)", parse=int)
 
     def __post_init__(self):
-        check_selection(self.alpha, self.p, self.k)
+        super().__post_init__()
+        check_selection(self.keep_first, self.keep_prob, self.keep_max)
 
 
 def check_selection(alpha, p, k) -> None:
@@ -74,8 +79,73 @@ def select_tokens(mask: torch.Tensor, alpha: int = 1, p: float = 0.5, k: int | N
 def sgrpo_loss(logp, old_logp, ref_logp, advantages, mask, keep, **grpo_kwargs) -> torch.Tensor:
     """GRPO's loss (``grpo.grpo_loss``, same keyword options) on the kept
     tokens only: ``keep`` from ``select_tokens``, within ``mask``."""
-    from .grpo import grpo_loss
-
     if keep.shape != mask.shape:
         raise ValueError(f"keep must have mask's shape {tuple(mask.shape)}, got {tuple(keep.shape)}")
     return grpo_loss(logp, old_logp, ref_logp, advantages, mask.bool() & keep.bool(), **grpo_kwargs)
+
+
+def selected_token_logprobs(model, ro: Rollouts, need: torch.Tensor) -> torch.Tensor:
+    """``token_logprobs`` where ``need`` (N, T) is True, 0 elsewhere, from a
+    forward pass over the rows that need a token and only up to the last
+    needed column: a token after the last kept one is never needed (it is
+    not kept, and no kept token attends to it), so it costs no activations."""
+    rows = need.any(1).nonzero().flatten()  # (n,)
+    cols = need.any(0).nonzero().flatten()
+    if rows.numel() == 0:  # nothing to learn: one token keeps the graph (its loss weight is 0)
+        rows, end = rows.new_zeros(1), ro.prompt_len + 1
+    else:
+        end = int(cols.max()) + 1
+    sub = replace(ro, input_ids=ro.input_ids[rows, :end], attention_mask=ro.attention_mask[rows, :end],
+                  completion_mask=ro.completion_mask[rows, :end])
+    out = torch.zeros(need.shape, device=need.device)  # (N, T)
+    out[rows, :end] = token_logprobs(model, sub)  # differentiable copy into the rows and columns computed
+    return out * need
+
+
+class SelectiveObjective(GRPOObjective):
+    """A GRPO objective that trains on a subset of tokens: a subclass says
+    which (``needed(ro)``, an (N, T) bool mask, the same for every inner
+    step on one batch of rollouts) and how (``loss``); the forward pass then
+    runs on what is needed only."""
+
+    def needed(self, ro: Rollouts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, dict]:
+        ro = self.rollouts(model, batch)
+        need = self.needed(ro)
+        logp = selected_token_logprobs(model, ro, need)  # (N, T)
+        old = ro.old_logp if self.cfg.mu > 1 else logp.detach()
+        loss = self.loss(logp, old, ro)
+        shown = torch.where(need, logp.detach(), old)  # metrics: tokens not computed count as unchanged
+        metrics = self.metrics(shown, old, ro)
+        metrics["grad_frac"] = float((need & self.weighted(ro)).sum() / ro.completion_mask.sum().clamp(min=1))
+        return loss, metrics
+
+    def weighted(self, ro: Rollouts) -> torch.Tensor:
+        """(N, T) bool: tokens whose loss weight is not zero (with beta = 0,
+        a completion with advantage 0 teaches nothing)."""
+        if self.cfg.beta > 0:
+            return ro.completion_mask.bool()
+        return ro.completion_mask.bool() & (ro.advantages != 0)[:, None]
+
+
+class SGRPOObjective(SelectiveObjective):
+    """S-GRPO for the shared loop: ``--algo sgrpo``. One selection per batch
+    of rollouts, drawn from a generator seeded by (seed, rollout_id)."""
+
+    config_class = SGRPOConfig
+
+    def needed(self, ro: Rollouts) -> torch.Tensor:
+        if getattr(self, "_keep_for", None) is not ro:
+            c = self.cfg
+            gen = torch.Generator().manual_seed(stable_hash(self.seed, self.rollout_id or 0, 7) % 2**63)
+            keep = select_tokens(ro.completion_mask.cpu(), c.keep_first, c.keep_prob, c.keep_max, generator=gen)
+            self._keep, self._keep_for = keep.to(ro.completion_mask.device), ro
+        return self._keep
+
+    def loss(self, logp, old_logp, ro: Rollouts) -> torch.Tensor:
+        c = self.cfg
+        return sgrpo_loss(logp, old_logp, ro.ref_logp, ro.advantages, ro.completion_mask, self.needed(ro),
+                          eps_low=c.eps_low, eps_high=c.eps_high, beta=c.beta, loss_type=c.loss_type,
+                          max_new_tokens=self.max_new_tokens)

@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grpo import GRPOConfig, Rollouts, k3_kl
+from .sgrpo import SelectiveObjective
+
 ZERO = 1e-9  # |A| at or below this is zero (rounding of equal means)
 
 
@@ -125,8 +128,6 @@ def tspmo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tenso
                beta: float = 0.0) -> torch.Tensor:
     """The clipped T-SPMO loss over the tokens with a non-zero advantage,
     normalised by their count (0, with a gradient path, when there are none)."""
-    from .grpo import k3_kl  # GRPO's k3 estimator, shared
-
     if not (logp.shape == old_logp.shape == token_adv.shape):
         raise ValueError(f"logp, old_logp and token_adv must have one shape, got {tuple(logp.shape)}, "
                          f"{tuple(old_logp.shape)}, {tuple(token_adv.shape)}")
@@ -147,3 +148,27 @@ def gradient_fraction(token_adv: torch.Tensor, mask: torch.Tensor) -> float:
     """Share of the completion tokens that get a gradient under T-SPMO."""
     n = float(mask.sum())
     return float((token_adv != 0).sum()) / n if n else 0.0
+
+
+class TSPMOObjective(SelectiveObjective):
+    """T-SPMO for the shared loop: ``--algo tspmo`` (GRPO's settings; the
+    group advantages are replaced by the prefix-tree ones)."""
+
+    config_class = GRPOConfig
+
+    def token_advantages(self, ro: Rollouts) -> torch.Tensor:
+        if getattr(self, "_adv_for", None) is not ro:  # once per batch of rollouts
+            self._adv = tspmo_token_advantages(ro.input_ids, ro.completion_mask, ro.rewards, ro.group_size)
+            self._adv_for = ro
+        return self._adv
+
+    def needed(self, ro: Rollouts) -> torch.Tensor:
+        return self.token_advantages(ro) != 0
+
+    def weighted(self, ro: Rollouts) -> torch.Tensor:
+        return self.needed(ro)
+
+    def loss(self, logp, old_logp, ro: Rollouts) -> torch.Tensor:
+        c = self.cfg
+        return tspmo_loss(logp, old_logp, ro.ref_logp, self.token_advantages(ro), eps_low=c.eps_low,
+                          eps_high=c.eps_high, beta=c.beta)

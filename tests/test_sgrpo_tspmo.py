@@ -141,3 +141,132 @@ def run_exercise_checks(tutorial: str, solution: str, pairs: dict):
 def test_tutorial_07_exercise_solutions():
     run_exercise_checks("07_sgrpo_tspmo.md", "07_sgrpo_tspmo.py",
                         {"check_pair_advantage": "pair_advantage", "check_expected_kept": "expected_kept"})
+
+
+# ----- the objectives on real rollouts ----------------------------------------------
+from lora_from_scratch.adapters import adapter_layers  # noqa: E402
+from lora_from_scratch.grpo import GRPOConfig, GRPOObjective, grpo_loss, sample_rollouts, token_logprobs  # noqa: E402
+from lora_from_scratch.model import GPTConfig, TinyGPT  # noqa: E402
+from lora_from_scratch.recipes import adapt  # noqa: E402
+from lora_from_scratch.sgrpo import SGRPOConfig, SGRPOObjective, selected_token_logprobs, sgrpo_loss  # noqa: E402
+from lora_from_scratch.tasks import Task  # noqa: E402
+from lora_from_scratch.tspmo import TSPMOObjective, tspmo_loss  # noqa: E402
+
+
+class StartsWithDigit(Task):
+    """A reward an untrained model earns now and then, so groups are mixed."""
+
+    def reward(self, prediction, answer):
+        return float(prediction[:1].isdigit())
+
+
+def _lora_model(seed=0):
+    torch.manual_seed(seed)
+    model = TinyGPT(GPTConfig(n_layer=1, n_embd=32, n_head=2))
+    adapt(model, "lora", 4, 8.0, "lora")
+    with torch.no_grad():  # B != 0: the adapters have a function of their own
+        for _, m in adapter_layers(model):
+            m.lora_B.normal_(0, 0.3)
+    return model
+
+
+def _objective_and_batch(cls, cfg, seed=0):
+    task = StartsWithDigit("wordprob", 1)  # prompts of different lengths: left padding is exercised
+    obj = cls(cfg, task, seed=seed)
+    batch = {"problems": task.sample_train(4, seed=seed), "rollout_id": 0}
+    return obj, batch
+
+
+def _mixed_rewards(obj, model, batch, seed=0):
+    """Sample, then replace the rewards by a fixed mixed pattern (so every group teaches)."""
+    ro = obj.rollouts(model, batch)
+    g = torch.Generator().manual_seed(seed)
+    ro.rewards = torch.randint(0, 2, ro.rewards.shape, generator=g).float()
+    ro.rewards[::ro.group_size] = 1 - ro.rewards[1::ro.group_size]  # each group has both rewards
+    ro.advantages = obj.advantages(ro.rewards, ro.group_size)
+    return ro
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(beta=0.1), dict(beta=0.1, mu=2, loss_type="dapo")])
+def test_sgrpo_keeping_everything_is_grpo(extra):
+    results = []
+    for cls, cfg in [(GRPOObjective, GRPOConfig(group_size=4, **extra)),
+                     (SGRPOObjective, SGRPOConfig(group_size=4, keep_first=0, keep_prob=1.0, keep_max=None, **extra))]:
+        model = _lora_model()
+        obj, batch = _objective_and_batch(cls, cfg)
+        _mixed_rewards(obj, model, batch)
+        if extra.get("mu", 1) > 1:  # an inner step: the policy moved since sampling
+            obj.ro.old_logp = obj.ro.old_logp + 0.05 * torch.randn(obj.ro.old_logp.shape) * obj.ro.completion_mask
+        loss, metrics = obj(model, batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+    assert any(a.abs().sum() > 0 for a in g0)
+
+
+def test_sgrpo_gradient_is_the_mean_over_kept_tokens():
+    # mu = 1, beta = 0: d loss / d logp_t = -A_i / (N |K_i|) on kept tokens, 0 elsewhere
+    g = torch.Generator().manual_seed(0)
+    N, T = 6, 7
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in (7, 5, 3, 1, 6, 2)])
+    keep = select_tokens(mask, 1, 0.4, 3, generator=g)
+    logp = (-torch.rand(N, T, generator=g)).requires_grad_()
+    A = torch.randn(N, generator=g)
+    sgrpo_loss(logp, logp.detach(), None, A, mask, keep).backward()
+    want = -A[:, None] / (N * keep.sum(1, keepdim=True).clamp(min=1)) * keep
+    assert torch.allclose(logp.grad, want, atol=1e-7)
+
+
+def test_selected_logprobs_equal_the_full_pass_where_needed():
+    model = _lora_model()
+    obj, batch = _objective_and_batch(GRPOObjective, GRPOConfig(group_size=4))
+    ro = obj.rollouts(model, batch)
+    need = select_tokens(ro.completion_mask, 1, 0.5, 2, generator=torch.Generator().manual_seed(1))
+    need[3] = False  # a row with nothing needed is skipped
+    full = token_logprobs(model, ro) * need
+    part = selected_token_logprobs(model, ro, need)
+    assert torch.allclose(full, part, atol=1e-5)
+    weights = torch.randn(need.shape)
+    (full * weights).sum().backward()
+    g_full = _grads(model)
+    model.zero_grad()
+    (part * weights).sum().backward()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, _grads(model)))
+
+
+def test_tspmo_loss_gradient_and_objective():
+    # mu = 1, beta = 0: d loss / d logp = -A(p, v) / n_pairs on the placed pairs
+    adv = torch.zeros(3, 4)
+    adv[0, 1], adv[2, 3], adv[1, 0] = 0.5, -0.25, 1.0
+    logp = (-torch.rand(3, 4)).requires_grad_()
+    tspmo_loss(logp, logp.detach(), None, adv).backward()
+    assert torch.allclose(logp.grad, -adv / 3)
+
+    model = _lora_model()
+    obj, batch = _objective_and_batch(TSPMOObjective, GRPOConfig(group_size=4))
+    ro = _mixed_rewards(obj, model, batch)
+    loss, metrics = obj(model, batch)
+    token_adv = tspmo_token_advantages(ro.input_ids, ro.completion_mask, ro.rewards, ro.group_size)
+    full = token_logprobs(model, ro)
+    assert torch.allclose(loss, tspmo_loss(full, full.detach(), None, token_adv), atol=1e-6)
+    assert 0 < metrics["grad_frac"] == pytest.approx(gradient_fraction(token_adv, ro.completion_mask))
+    assert metrics["grad_frac"] < 1
+
+
+def test_sgrpo_selection_is_fixed_per_batch_of_rollouts_and_seeded():
+    model = _lora_model()
+    obj, batch = _objective_and_batch(SGRPOObjective, SGRPOConfig(group_size=4, keep_prob=0.3))
+    ro = obj.rollouts(model, batch)
+    first = obj.needed(ro).clone()
+    assert torch.equal(obj.needed(ro), first)  # mu inner steps see the same selection
+    other, _ = _objective_and_batch(SGRPOObjective, SGRPOConfig(group_size=4, keep_prob=0.3))
+    other.rollout_id = obj.rollout_id
+    assert torch.equal(other.needed(ro), first)  # same seed, same rollout id: same draw
+    with pytest.raises(ValueError, match="keep prob|p \\(keep"):
+        SGRPOConfig(keep_prob=2.0)
