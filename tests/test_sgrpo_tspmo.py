@@ -270,3 +270,27 @@ def test_sgrpo_selection_is_fixed_per_batch_of_rollouts_and_seeded():
     assert torch.equal(other.needed(ro), first)  # same seed, same rollout id: same draw
     with pytest.raises(ValueError, match="keep prob|p \\(keep"):
         SGRPOConfig(keep_prob=2.0)
+
+
+def test_rl_cli_sgrpo_tspmo_and_rank_allocation(tmp_path):
+    import json
+
+    from lora_from_scratch.__main__ import main
+    from lora_from_scratch.checkpoint import save_model
+
+    torch.manual_seed(0)
+    base = tmp_path / "base.pt"
+    save_model(TinyGPT(GPTConfig(n_layer=1, n_embd=32, n_head=2)), base)
+    common = ["rl", "--base", str(base), "--task", "add", "--digits", "1", "--steps", "2", "--prompts", "2",
+              "--group-size", "2", "--rank", "2", "--eval-every", "0", "--quiet", "--device", "cpu"]
+    out = tmp_path / "m.json"
+    assert main(common + ["--algo", "sgrpo", "--keep-prob", "0.3", "--keep-max", "2", "--metrics-out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["algo"] == "sgrpo" and m["config"]["algo_options"] == {"keep_prob": 0.3, "keep_max": 2}
+    assert main(common + ["--algo", "tspmo", "--rank-allocation", "gradient", "--rank-budget", "9",
+                          "--rank-warmup", "2", "--metrics-out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["algo"] == "tspmo" and sum(m["ranks"].values()) == 9 and len(m["ranks"]) == 6
+    assert m["share_spread_before"] >= 1 and "share_spread_after" in m
+    assert main(common + ["--algo", "grpo", "--keep-prob", "0.3"]) == 2  # an sgrpo flag on grpo: refused
+    assert main(common + ["--algo", "grpo", "--rank-allocation", "random", "--rank-budget", "5"]) == 2  # < 6 layers
