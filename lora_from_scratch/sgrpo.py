@@ -20,6 +20,12 @@ so the completion's log-probability is the mean over its kept tokens. With
 loss is ``grpo.grpo_loss`` with its token mask replaced by the kept mask, so
 the clipping, the k3 KL and the other aggregations come with it.
 
+Where the memory is saved (``SelectiveObjective``, shared with T-SPMO): the
+fresh forward pass runs only on the rows that keep a token and only up to
+the last kept column (a kept token attends to every token before it, so
+earlier columns stay; later ones are never needed). The log-probs are put
+back in place, so the loss is exactly the one of a full pass.
+
 Shapes: ``mask`` (B, T), 1 on completion tokens. Draws come from a
 ``torch.Generator`` when one is given, else from torch's global RNG (the
 shared training loop seeds it). What the paper leaves open and we chose
