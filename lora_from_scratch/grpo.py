@@ -237,7 +237,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "grp
     """Average (N, T) per-token losses over the tokens in ``mask`` the way
     ``loss_type`` says (see the module docstring)."""
     m = mask.to(per_token.dtype)
-    total = per_token * m  # masked tokens are exactly 0, whatever per_token holds there
+    total = torch.where(mask.bool(), per_token, 0.0)  # padded tokens are exactly 0, whatever they hold (inf, NaN)
     if loss_type == "grpo":
         return (total.sum(1) / m.sum(1).clamp(min=1)).mean()
     if loss_type == "dapo":

@@ -156,9 +156,16 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
         wrap = (lambda w: lambda loss_fn: probe.wrap(w(loss_fn)))(wrap)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="constant",
                        eval_every=cfg.eval_every, seed=cfg.seed, progress=cfg.progress, log_every=1)
+    clock = {"eval": 0.0}
+
+    def eval_fn(m):  # greedy exact-match on the fixed test set, its time kept apart
+        t1 = time.perf_counter()
+        scores = {"test_exact_match": evaluate(m, task)}
+        clock["eval"] += time.perf_counter() - t1
+        return scores
+
     t0 = time.perf_counter()
-    res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg,
-                eval_fn=lambda m: {"test_exact_match": evaluate(m, task)})
+    res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg, eval_fn)
     train_seconds = time.perf_counter() - t0
     if probe is not None:
         shares = probe.shares()
@@ -174,5 +181,6 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
                "length": last.get("length"), "grad_frac": last.get("grad_frac"), "per_step": per_step,
                "trainable_parameters": trainable_parameters(model), "steps": res.steps,
                "generate_seconds": objective.seconds["generate"], "reference_seconds": objective.seconds["reference"],
+               "eval_seconds": clock["eval"],
                "train_seconds": train_seconds, **alloc, "seconds": time.perf_counter() - t_start}
     return model, metrics
