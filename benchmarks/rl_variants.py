@@ -125,7 +125,7 @@ def algo_runs(a, task_name: str) -> dict:
     runs = {algo: [] for algo in a.algos}
     for seed in a.seeds:
         for algo in a.algos:  # interleaved, so the timing ratios see the same machine load
-            cfg = RLConfig(algo=algo, task=task_name, rank=a.rank, steps=steps, eval_every=0, seed=seed,
+            cfg = RLConfig(algo=algo, task=task_name, rank=a.rank, steps=steps, lr=a.lr, eval_every=0, seed=seed,
                            progress=False, base_steps=task_setting(a.base_steps, task_name, None))
             _, m = rl_finetune(cfg, base)
             gf = [x for x in m["per_step"].get("grad_frac", []) if x is not None]
@@ -146,7 +146,8 @@ def rank_runs(a) -> dict:
     for seed in a.rank_seeds:
         for row, (variant, frac) in RANK_ROWS.items():
             budget = round(frac * n_layers * a.rank)
-            cfg = RLConfig(algo="grpo", task=a.rank_task, rank=a.rank, steps=a.rank_steps, eval_every=0, seed=seed,
+            cfg = RLConfig(algo="grpo", task=a.rank_task, rank=a.rank, steps=a.rank_steps, lr=a.lr, eval_every=0,
+                           seed=seed,
                            progress=False, base_steps=task_setting(a.base_steps, a.rank_task, None),
                            rank_allocation=variant, rank_budget=budget, rank_warmup=a.rank_warmup)
             _, m = rl_finetune(cfg, base)
@@ -167,7 +168,7 @@ def pct(x):
 
 def table(res: dict) -> str:
     a = res["args"]
-    out = [f"S-GRPO / T-SPMO / GRPO with LoRA rank {a['rank']} (all linear layers), seeds {a['seeds']}, "
+    out = [f"S-GRPO / T-SPMO / GRPO with LoRA rank {a['rank']} (all linear layers), lr {a.get('lr', 3e-3):g}, seeds {a['seeds']}, "
            + ", ".join(f"{p['task']['name']} {p['steps']} steps" for p in res["algos"])
            + "; exact-match in % on the fixed 500 test problems (mean, min-max over seeds)", "",
            "| task | algo | before | after | change | tokens with gradient (one batch; mean in training) "
@@ -218,6 +219,7 @@ def main(argv=None) -> dict:
     p.add_argument("--task-steps", help="steps per task overriding --steps, e.g. mul=60,wordprob=30")
     p.add_argument("--base-steps", help="supervised steps of each task's starting base, e.g. mul=865 "
                    "(default: the rl recipe's)")
+    p.add_argument("--lr", type=float, default=RLConfig.lr, help=f"learning rate (default {RLConfig.lr}, the rl recipe's)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank R (default 8)")
     p.add_argument("--rank-task", default="mul", help="task of part 2 (default mul); 'none' skips part 2")
     p.add_argument("--rank-seeds", default="0", help="seeds of part 2 (default 0)")
