@@ -87,8 +87,11 @@ def update_step_probe(base, task: Task, cfg: RLConfig) -> dict:
     batch = rl_batches(task, cfg.prompts, 1, seed=12_345)(0)
     ro = None
     out = {}
-    for algo, cls in ALGOS.items():
-        obj = cls(RLConfig(algo=algo, task=task.name, digits=task.digits).objective_config(), task, seed=0)
+    variants = [(algo, algo, {}) for algo in ALGOS] + [("sgrpo, cap k=2", "sgrpo", {"keep_max": 2})]
+    for row, algo, options in variants:
+        cls = ALGOS[algo]
+        obj = cls(RLConfig(algo=algo, task=task.name, digits=task.digits, algo_options=options).objective_config(),
+                  task, seed=0)
         if ro is None:
             ro = obj.rollouts(model, batch)
         obj.rollout_id, obj.ro = batch["rollout_id"], ro  # the same rollouts for every algo
@@ -98,7 +101,7 @@ def update_step_probe(base, task: Task, cfg: RLConfig) -> dict:
         logp = token_logprobs(model, ro).detach().requires_grad_()  # which log-probs does the loss reach?
         obj.loss(logp, logp.detach(), ro).backward()
         m = ro.completion_mask.bool()
-        out[algo] = {"saved_bytes": nbytes, "grad_token_share": float((logp.grad != 0)[m].float().mean()),
+        out[row] = {"saved_bytes": nbytes, "grad_token_share": float((logp.grad != 0)[m].float().mean()),
                      "completion_tokens": int(m.sum()), "mixed_groups": int(
                          (ro.rewards.view(-1, ro.group_size).std(1) > 0).sum()), "groups": len(ro.problems)}
     return out
@@ -189,6 +192,10 @@ def table(res: dict) -> str:
                        f"({probe[algo]['saved_bytes'] / probe['grpo']['saved_bytes']:.2f}x) | "
                        f"{statistics.median(r['train_seconds'] for r in rs):.1f} | "
                        + (f"{ratio:.2f}x |" if ratio else "- |"))
+        extra = [k for k in probe if k not in runs]
+        for k in extra:
+            out.append(f"| {part['task']['name']} | {k} (one update step only) | | | | {pct(probe[k]['grad_token_share'])}% | "
+                       f"{probe[k]['saved_bytes'] / 2**20:.2f} MiB ({probe[k]['saved_bytes'] / probe['grpo']['saved_bytes']:.2f}x) | | |")
     if res.get("rank"):
         rk = res["rank"]
         out += ["", f"Rank allocation under GRPO on {rk['task']['name']}: LoRA rank {a['rank']} probe for "
