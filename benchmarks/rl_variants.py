@@ -16,7 +16,8 @@ autograd saves for backward during the loss's forward pass, counted with
 model's own parameters, which exist anyway, are not counted). On a GPU it
 would be ``torch.cuda.max_memory_allocated``; these runs had none. The
 token share and the memory are measured on the same batch of rollouts of
-the base model for all three.
+the base model for all three, and for S-GRPO with a cap of k = 2 tokens
+(one update step only, no training run).
 
 The claims under test: under LoRA, full-token GRPO barely beats the base
 while both selective methods lift accuracy a lot (SVAMP 46% -> above 70%),
