@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -134,7 +135,8 @@ def algo_runs(a, task_name: str) -> dict:
             _, m = rl_finetune(cfg, base)
             gf = [x for x in m["per_step"].get("grad_frac", []) if x is not None]
             runs[algo].append({"seed": seed, "before": m["base_exact_match"], "after": m["test_exact_match"],
-                               "train_seconds": m["train_seconds"], "grad_frac_mean": statistics.mean(gf) if gf else None,
+                               "train_seconds": m["train_seconds"], "train_cpu_seconds": m["train_cpu_seconds"],
+                               "grad_frac_mean": statistics.mean(gf) if gf else None,
                                "reward_per_step": m["per_step"]["reward"]})
             print(f"[{task_name}] {algo} seed {seed}: {m['base_exact_match']:.3f} -> {m['test_exact_match']:.3f} "
                   f"in {m['train_seconds']:.1f} s", flush=True)
@@ -176,22 +178,22 @@ def table(res: dict) -> str:
            + ", ".join(f"{p['task']['name']} {p['steps']} steps" for p in res["algos"])
            + "; exact-match in % on the fixed 500 test problems (mean, min-max over seeds)", "",
            "| task | algo | before | after | change | tokens with gradient (one batch; mean in training) "
-           "| saved for backward, one step | train s (median) | time vs grpo |",
+           "| saved for backward, one step | training CPU s (median) | CPU time vs grpo |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for part in res["algos"]:
         runs, probe = part["runs"], part["probe"]
-        t_grpo = [r["train_seconds"] for r in runs.get("grpo", [])]
+        t_grpo = [r["train_cpu_seconds"] for r in runs.get("grpo", [])]
         for algo, rs in runs.items():
             before = statistics.mean(r["before"] for r in rs)
             after = [r["after"] for r in rs]
             gf = [r["grad_frac_mean"] for r in rs if r["grad_frac_mean"] is not None]
-            ratio = (statistics.median([r["train_seconds"] / g for r, g in zip(rs, t_grpo)]) if t_grpo else None)
+            ratio = (statistics.median([r["train_cpu_seconds"] / g for r, g in zip(rs, t_grpo)]) if t_grpo else None)
             out.append(f"| {part['task']['name']} | {algo} | {pct(before)} | {pct(statistics.mean(after))} "
                        f"({pct(min(after))}-{pct(max(after))}) | {100 * (statistics.mean(after) - before):+.1f} | "
                        f"{pct(probe[algo]['grad_token_share'])}%" + (f"; {pct(statistics.mean(gf))}%" if gf else "")
                        + f" | {probe[algo]['saved_bytes'] / 2**20:.2f} MiB "
                        f"({probe[algo]['saved_bytes'] / probe['grpo']['saved_bytes']:.2f}x) | "
-                       f"{statistics.median(r['train_seconds'] for r in rs):.1f} | "
+                       f"{statistics.median(r['train_cpu_seconds'] for r in rs):.1f} | "
                        + (f"{ratio:.2f}x |" if ratio else "- |"))
         extra = [k for k in probe if k not in runs]
         for k in extra:
@@ -214,7 +216,9 @@ def table(res: dict) -> str:
             out.append(f"| {row} | {rs[0]['budget']} | {' '.join(map(str, rs[0]['ranks'].values()))} | "
                        f"{rs[0]['trainable_parameters']} | {pct(statistics.mean(after))} ({pct(min(after))}-"
                        f"{pct(max(after))}) | {sb:.2f}x -> {sa:.2f}x |")
-    out += ["", f"Machine: {res['machine']}; total {res['seconds'] / 60:.1f} min."]
+    out += ["", f"Bases: " + ", ".join(f"{p['task']['name']} {100 * p['base_meta']['test_exact_match']:.1f}% "
+                                       f"({p['base_meta']['steps']} supervised steps)" for p in res["algos"]),
+            f"Machine: {res['machine']}; total {res['seconds'] / 60:.1f} min of wall clock."]
     return "\n".join(out) + "\n"
 
 
@@ -235,7 +239,22 @@ def main(argv=None) -> dict:
     p.add_argument("--rank-warmup", type=int, default=20, help="probe steps in part 2 (default 20)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", default=str(RESULTS / "rl_variants.json"), help="where the results go (and .txt)")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="only merge results files of runs made in parallel (their task parts, the one rank part) "
+                        "into --json and its table")
     a = p.parse_args(argv)
+    if a.combine:
+        parts = [json.loads(Path(f).read_text()) for f in a.combine]
+        res = {**parts[0], "algos": [t for r in parts for t in r["algos"]],
+               "rank": next((r["rank"] for r in parts if r.get("rank")), None),
+               "seconds": max(r["seconds"] for r in parts), "combined_from": [str(f) for f in a.combine]}
+        res["args"] = {**parts[0]["args"], **next((r["args"] for r in parts if r.get("rank")), {}),
+                       "tasks": ",".join(t["task"]["name"] for t in res["algos"])}
+        write_json(a.json, res)
+        with atomic_write(Path(a.json).with_suffix(".txt")) as f:
+            f.write(table(res))
+        print(table(res))
+        return res
     torch.set_num_threads(a.threads)
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.rank_seeds = [int(s) for s in a.rank_seeds.split(",")]
