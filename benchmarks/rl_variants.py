@@ -141,7 +141,7 @@ def algo_runs(a, task_name: str) -> dict:
             print(f"[{task_name}] {algo} seed {seed}: {m['base_exact_match']:.3f} -> {m['test_exact_match']:.3f} "
                   f"in {m['train_seconds']:.1f} s", flush=True)
     return {"task": task.spec(), "steps": steps,
-            "base_meta": {k: meta.get(k) for k in ("path", "test_exact_match", "steps")}, "probe": probe, "runs": runs}
+            "base_meta": {"file": Path(meta["path"]).name, **{k: meta.get(k) for k in ("test_exact_match", "steps")}}, "probe": probe, "runs": runs}
 
 
 def rank_runs(a) -> dict:
