@@ -11,6 +11,7 @@ from .data import encode_batch, load_problems, save_problems, train_batches
 from .grpo import (GRPOConfig, GRPOObjective, Rollouts, group_advantages, grpo_loss, k3_kl, rl_batches,
                    sample_rollouts, token_logprobs)
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryoshka_P
 from .methods import METHODS, AdapterMethod, get_method
