@@ -150,14 +150,6 @@ def test_variants_share_the_budget(tiny_model):
         rebuild_adapters(_lora_model(tiny_model), {"nope": 1}, lambda lin, r: LoRALinear(lin, r, 1.0))
 
 
-def test_tutorial_08_exercise_solutions():
-    from test_sgrpo_tspmo import run_exercise_checks
-
-    run_exercise_checks("08_rank_allocation.md", "08_rank_allocation.py",
-                        {"check_largest_remainder": "largest_remainder",
-                         "check_lora_parameter_count": "lora_parameter_count"})
-
-
 def test_probe_and_rebuild_with_the_shared_loop(tiny_model):
     from lora_from_scratch.data import train_batches
     from lora_from_scratch.rank_allocation import probe_and_rebuild

@@ -119,30 +119,6 @@ def test_token_advantages_place_each_pair_once():
         tspmo_advantages([[1]], [1.0, 2.0])
 
 
-# ----- the tutorial's exercises, checked against their solutions ------------------
-def run_exercise_checks(tutorial: str, solution: str, pairs: dict):
-    """Run the tutorial's last python block (the exercises: stubs and
-    check_... functions), then each check on the solution's function."""
-    import importlib.util
-    import re
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    blocks = re.findall(r"^```python\n(.*?)^```", (root / "tutorials" / tutorial).read_text(), re.S | re.M)
-    namespace = {"__name__": "exercises"}
-    exec(compile(blocks[-1], tutorial, "exec"), namespace)
-    spec = importlib.util.spec_from_file_location("solution", root / "tutorials" / "solutions" / solution)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for check, fn in pairs.items():
-        namespace[check](getattr(module, fn))
-
-
-def test_tutorial_07_exercise_solutions():
-    run_exercise_checks("07_sgrpo_tspmo.md", "07_sgrpo_tspmo.py",
-                        {"check_pair_advantage": "pair_advantage", "check_expected_kept": "expected_kept"})
-
-
 # ----- the objectives on real rollouts ----------------------------------------------
 from lora_from_scratch.adapters import adapter_layers  # noqa: E402
 from lora_from_scratch.grpo import GRPOConfig, GRPOObjective, grpo_loss, sample_rollouts, token_logprobs  # noqa: E402
