@@ -140,8 +140,8 @@ def algo_runs(a, task_name: str) -> dict:
                                "reward_per_step": m["per_step"]["reward"]})
             print(f"[{task_name}] {algo} seed {seed}: {m['base_exact_match']:.3f} -> {m['test_exact_match']:.3f} "
                   f"in {m['train_seconds']:.1f} s", flush=True)
-    return {"task": task.spec(), "steps": steps,
-            "base_meta": {"file": Path(meta["path"]).name, **{k: meta.get(k) for k in ("test_exact_match", "steps")}}, "probe": probe, "runs": runs}
+    base_meta = {"file": Path(meta["path"]).name, **{k: meta.get(k) for k in ("test_exact_match", "steps")}}
+    return {"task": task.spec(), "steps": steps, "base_meta": base_meta, "probe": probe, "runs": runs}
 
 
 def rank_runs(a) -> dict:

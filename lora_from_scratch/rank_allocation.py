@@ -191,8 +191,8 @@ def rebuild_adapters(model: nn.Module, ranks: dict[str, int], make_adapter) -> l
     computes its base function right after). Returns the rebuilt names."""
     current = [n for n, _ in adapter_layers(model)]
     if set(ranks) != set(current):
-        raise ValueError(f"ranks must name exactly the model's adapters; missing {sorted(set(current) - set(ranks))[:4]}, "
-                         f"unknown {sorted(set(ranks) - set(current))[:4]}")
+        raise ValueError(f"ranks must name exactly the model's adapters; missing "
+                         f"{sorted(set(current) - set(ranks))[:4]}, unknown {sorted(set(ranks) - set(current))[:4]}")
     for n, r in ranks.items():
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"rank for {n} must be an int >= 1, got {r!r}")

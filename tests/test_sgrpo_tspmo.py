@@ -21,7 +21,8 @@ def test_selection_keeps_first_alpha_and_respects_cap():
         keep = select_tokens(mask, alpha, p, k, generator=g)
         assert keep.dtype == torch.bool and not (keep & ~mask.bool()).any()  # only real tokens
         lengths = mask.sum(1)
-        first = torch.arange(12)[None] < torch.minimum(lengths, torch.tensor(alpha if k is None else min(alpha, k)))[:, None]
+        always = alpha if k is None else min(alpha, k)
+        first = torch.arange(12)[None] < torch.minimum(lengths, torch.tensor(always))[:, None]
         assert (keep[first]).all()  # the first alpha tokens (within the cap) are always kept
         if k is not None:
             assert int(keep.sum(1).max()) <= k
@@ -121,7 +122,7 @@ def test_token_advantages_place_each_pair_once():
 
 # ----- the objectives on real rollouts ----------------------------------------------
 from lora_from_scratch.adapters import adapter_layers  # noqa: E402
-from lora_from_scratch.grpo import GRPOConfig, GRPOObjective, grpo_loss, sample_rollouts, token_logprobs  # noqa: E402
+from lora_from_scratch.grpo import GRPOConfig, GRPOObjective, token_logprobs  # noqa: E402
 from lora_from_scratch.model import GPTConfig, TinyGPT  # noqa: E402
 from lora_from_scratch.recipes import adapt  # noqa: E402
 from lora_from_scratch.sgrpo import SGRPOConfig, SGRPOObjective, selected_token_logprobs, sgrpo_loss  # noqa: E402
