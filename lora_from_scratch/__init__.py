@@ -11,9 +11,12 @@ from .data import encode_batch, load_problems, save_problems, train_batches
 from .grpo import (GRPOConfig, GRPOObjective, Rollouts, group_advantages, grpo_loss, k3_kl, rl_batches,
                    sample_rollouts, token_logprobs)
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryoshka_P
+from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .methods import METHODS, AdapterMethod, get_method
+from .remix import ReMixLinear, ReMixOptions, effective_support_size, rloo_loss
 from .rl import ALGOS, RLConfig, rl_finetune
 from .model import GPTConfig, KVCache, TinyGPT
 from .tasks import TASKS, Problem, Task

@@ -7,9 +7,10 @@
     demo      pretrain a base on addition, then teach it subtraction with LoRA
     rl        improve a partly trained base by RL (GRPO) with adapters
 
-Every command takes --seed, --device and --metrics-out FILE: its final
-metrics as JSON (pretrain, eval, finetune and demo report at least
-test_exact_match and seconds).
+Every command takes --seed, --device, --threads N (CPU threads torch may
+use; 1 by default, which is also what to keep on a machine shared with
+other work) and --metrics-out FILE: its final metrics as JSON (pretrain,
+eval, finetune and demo report at least test_exact_match and seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .adapters import save_adapters
@@ -31,8 +32,28 @@ from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
 
+# benchmarks/threads.py, on a shared 2-core machine: 2 threads (torch's own default there) ran
+# 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
+# share of the cores from the other users. One thread is the fair, never-catastrophic choice.
+DEFAULT_THREADS = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"CPU threads for torch (default {DEFAULT_THREADS}; keep 1 on a machine shared with "
+                        "other work, where extra threads wait on each other; results repeat exactly only "
+                        "for the same thread count)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run; auto picks cuda when available (default auto)")
     p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics to FILE as JSON")
@@ -120,9 +141,11 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
                    + " (default lora)")
     p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
-    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's, 2 * rank for lora)")
+    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's: 2 * rank for lora and dylora, "
+                   "1 for matryoshka, as its reference code)")
     p.add_argument("--scale", choices=["lora", "rslora", "none"],
-                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's, lora for lora)")
+                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's: lora for lora and "
+                   "dylora, rslora for matryoshka, as its reference code)")
     p.add_argument("--targets", default="all-linear",
                    help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
     seen = {}  # flag -> methods using it: two methods may share a flag (--train-ranks)
@@ -230,6 +253,36 @@ def cmd_demo(a) -> dict:
             "sub_lora_exact_match": fm["test_exact_match"], "seconds": time.perf_counter() - t0}
 
 
+def _algo_option_flags() -> list:
+    """(flag, field, algos, default, help, parse) for every setting an --algo
+    adds to GRPO's (its config class's own fields, made with ``option``)."""
+    from .grpo import GRPOConfig
+    from .rl import ALGOS
+    shared = {f.name for f in fields(GRPOConfig)}
+    out = {}
+    for algo, cls in ALGOS.items():
+        for f in fields(cls.config_class):
+            if f.name not in shared:
+                flag = "--" + f.name.replace("_", "-")
+                entry = out.setdefault(flag, [flag, f.name, [], f.default, f.metadata.get("help", ""),
+                                              f.metadata.get("parse")])
+                entry[2].append(algo)
+    return list(out.values())
+
+
+def _algo_options(a) -> dict:
+    """The --algo's own settings given on the command line; one of another
+    algo is an error rather than ignored."""
+    out = {}
+    for flag, name, algos, *_ in _algo_option_flags():
+        value = getattr(a, "algo_" + name)
+        if value is not None:
+            if a.algo not in algos:
+                raise ValueError(f"{flag} is an option of --algo {' / '.join(algos)}, not of --algo {a.algo}")
+            out[name] = value
+    return out
+
+
 def cmd_rl(a) -> dict:
     from .rl import RLConfig, rl_finetune
     device = resolve_device(a.device)
@@ -240,7 +293,8 @@ def cmd_rl(a) -> dict:
                    beta=a.beta, eps_low=a.eps_low, eps_high=a.eps_high, loss_type=a.loss_type,
                    adv_scale=a.adv_scale, mu=a.mu, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
                    steps=a.steps, lr=a.lr, eval_every=a.eval_every, base_steps=a.base_steps, seed=a.seed,
-                   base_seed=a.base_seed, device=device, progress=not a.quiet)
+                   base_seed=a.base_seed, device=device, progress=not a.quiet, algo_options=_algo_options(a),
+                   rank_allocation=a.rank_allocation, rank_budget=a.rank_budget, rank_warmup=a.rank_warmup)
     model, m = rl_finetune(cfg, base_model, cache_dir=a.cache_dir)
     print(f"{m['algo']} with {m['method']} R={m['rank']} on {m['task']['name']}: test exact-match "
           f"{m['base_exact_match']:.4f} -> {m['test_exact_match']:.4f} in {m['steps']} steps, {m['seconds']:.1f} s")
@@ -335,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"greedy test exact-match every N steps (default {d.eval_every}; 0: only at the end)")
+    g = p.add_argument_group("rank allocation (probe a uniform warm-up, reallocate the ranks, train on)")
+    g.add_argument("--rank-allocation", choices=["uniform", "gradient", "random"],
+                   help="how to share the rank budget between layers after the probe (default: no probe)")
+    g.add_argument("--rank-budget", type=int, help="total rank over the adapted layers (default: layers x --rank)")
+    g.add_argument("--rank-warmup", type=int, default=d.rank_warmup,
+                   help=f"probe steps at uniform rank before reallocating (default {d.rank_warmup})")
+    g = p.add_argument_group("options of one --algo")
+    for flag, name, algos, default, text, parse in _algo_option_flags():
+        g.add_argument(flag, dest="algo_" + name, type=parse or type(default), default=None,
+                       metavar=name.upper(),
+                       help=f"[{'/'.join(algos)}] {text}")
     p.add_argument("--base", help="starting checkpoint (default: the task's partly supervised base, cached)")
     p.add_argument("--base-steps", type=int, help="supervised steps of the cached starting base (default: per task)")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the cached starting base (default 0)")
@@ -350,6 +415,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         import torch
+        torch.set_num_threads(a.threads)  # before any work: the thread count changes speed and last digits
         torch.manual_seed(a.seed)
         metrics = a.fn(a)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:

@@ -24,16 +24,21 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from .adapters import trainable_parameters
+from .adapters import adapter_layers, trainable_parameters
 from .checkpoint import jsonable
 from .grpo import GRPOConfig, GRPOObjective, rl_batches
 from .methods import get_method
+from .rank_allocation import VARIANTS, GradNormProbe, probe_and_rebuild, share_spread
 from .recipes import PretrainConfig, adapt, load_or_pretrain
 from .tasks import Task, parse_digits
 from .tokenizer import Tokenizer
 from .train import TrainConfig, evaluate, train
 
-ALGOS: dict[str, type] = {"grpo": GRPOObjective}  # --algo name -> objective class
+from .sgrpo import SGRPOObjective  # noqa: E402  (they subclass GRPOObjective)
+from .tspmo import TSPMOObjective  # noqa: E402
+
+ALGOS: dict[str, type] = {"grpo": GRPOObjective, "sgrpo": SGRPOObjective,
+                          "tspmo": TSPMOObjective}  # --algo name -> objective class
 
 # Supervised steps of the partly trained base, by task (batch 128, lr 3e-3,
 # the pretraining recipe otherwise): chosen so that the base is right on
@@ -73,6 +78,9 @@ class RLConfig:
     max_new_tokens: int | None = None  # None: the task's longest answer + <eos>
     algo_options: dict = field(default_factory=dict)  # extra fields of the objective's config class
     steps: int = 200  # optimizer steps
+    rank_allocation: str | None = None  # "uniform", "gradient" or "random": probe, reallocate, rebuild; None: plain
+    rank_budget: int | None = None  # total rank over the adapted layers when reallocating; None: layers x rank
+    rank_warmup: int = 20  # steps of the uniform-rank probe before reallocating (on top of `steps`)
     lr: float = 1e-3  # learning rate (constant after warmup; 3e-3 made mul worse in our runs)
     warmup_steps: int = 10  # linear warmup
     eval_every: int = 50  # greedy test exact-match every this many steps (0: only at the end)
@@ -91,6 +99,14 @@ class RLConfig:
             self.scale = spec.default_scale if self.scale is None else self.scale
             spec.make_options(self.options)
         self.digits = parse_digits(self.task, self.digits)
+        if self.rank_allocation is not None:
+            if self.rank_allocation not in VARIANTS:
+                raise ValueError(f"unknown rank_allocation {self.rank_allocation!r}; expected one of {VARIANTS}")
+            if self.method == "full" or not isinstance(self.rank_warmup, int) or self.rank_warmup < 1:
+                raise ValueError(f"rank_allocation needs adapters (not method='full') and rank_warmup >= 1, "
+                                 f"got method={self.method!r}, rank_warmup={self.rank_warmup!r}")
+        elif self.rank_budget is not None:
+            raise ValueError("rank_budget is used only with rank_allocation")
         if self.prompts < 1:
             raise ValueError(f"prompts must be >= 1, got {self.prompts}")
         self.objective_config()  # bad GRPO settings fail here, before any work
@@ -123,6 +139,21 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
     else:
         wrap = adapt(model, cfg.method, cfg.rank, cfg.alpha, cfg.scale, cfg.options, cfg.targets)
     objective = ALGOS[cfg.algo](cfg.objective_config(), task, Tokenizer(), seed=cfg.seed)
+    alloc, probe = {}, None
+    if cfg.rank_allocation is not None:  # probe a uniform warm-up, reallocate, rebuild (rank_allocation.py)
+        n_layers = len(adapter_layers(model))
+        if cfg.rank_budget is not None and cfg.rank_budget < n_layers:
+            raise ValueError(f"rank_budget={cfg.rank_budget} is below the {n_layers} adapted layers (1 rank each)")
+        spec = get_method(cfg.method)
+        opts = spec.make_options(cfg.options)
+        warm = TrainConfig(steps=cfg.rank_warmup, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, cfg.rank_warmup),
+                           schedule="constant", seed=cfg.seed, progress=cfg.progress, log_every=1)
+        alloc = probe_and_rebuild(
+            model, wrap(ALGOS[cfg.algo](cfg.objective_config(), task, Tokenizer(), seed=cfg.seed + 1)),
+            rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 30_000), warm, cfg.rank_allocation, cfg.rank,
+            lambda lin, r: spec.build(r, cfg.alpha, cfg.scale, opts)(lin), cfg.rank_budget, cfg.seed)
+        probe = GradNormProbe(model, max_steps=cfg.rank_warmup)  # the same number of steps after the rebuild
+        wrap = (lambda w: lambda loss_fn: probe.wrap(w(loss_fn)))(wrap)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, schedule="constant",
                        eval_every=cfg.eval_every, seed=cfg.seed, progress=cfg.progress, log_every=1)
     clock = {"eval": 0.0, "eval_cpu": 0.0}
@@ -137,19 +168,23 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
     t0, c0 = time.perf_counter(), time.process_time()
     res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg, eval_fn)
     train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-    per_step = {k: [m.get(k) for m in res.metrics] for k in ("reward", "kl", "clip_frac", "length")}
+    if probe is not None:
+        shares = probe.shares()
+        probe.remove()
+        alloc.update(probe_shares_after=shares, share_spread_after=share_spread(list(shares.values())))
+    per_step = {k: [m.get(k) for m in res.metrics] for k in ("reward", "kl", "clip_frac", "length", "grad_frac")}
     last = res.metrics[-1] if res.metrics else {}
     metrics = {"algo": cfg.algo, "method": cfg.method, "task": task.spec(), "rank": cfg.rank,
                "config": jsonable(asdict(cfg)), "base_exact_match": base_acc,
                "test_exact_match": res.final["test_exact_match"],
                "evals": [(step, s["test_exact_match"]) for step, s in res.evals],
                "reward": last.get("reward"), "kl": last.get("kl"), "clip_frac": last.get("clip_frac"),
-               "length": last.get("length"), "per_step": per_step,
+               "length": last.get("length"), "grad_frac": last.get("grad_frac"), "per_step": per_step,
                "trainable_parameters": trainable_parameters(model), "steps": res.steps,
                "generate_seconds": objective.seconds["generate"], "reference_seconds": objective.seconds["reference"],
                "eval_seconds": clock["eval"],
                # CPU seconds of this process in training, evaluations excluded: on a shared machine
                # this is closer than the wall clock to what the run costs on an idle one
                "train_cpu_seconds": train_cpu - clock["eval_cpu"],
-               "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start}
+               "train_seconds": train_seconds, **alloc, "seconds": time.perf_counter() - t_start}
     return model, metrics

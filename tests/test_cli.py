@@ -19,7 +19,7 @@ def test_help_of_every_command(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--seed", "--device", "--metrics-out"):
+    for flag in ("--seed", "--device", "--metrics-out", "--threads"):
         assert flag in out
 
 
@@ -165,3 +165,19 @@ def test_rl_bad_settings_give_a_clear_error(argv, message, small_base, capsys):
     ck, _ = small_base
     assert main(["rl", "--base", str(ck), "--task", "add", "--digits", "1", "--quiet", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_threads_flag_sets_torch_threads_and_refuses_bad_counts(tmp_path, capsys):
+    import torch
+    try:
+        assert main(["data", "--out", str(tmp_path), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["data", "--out", str(tmp_path)]) == 0  # the default
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["data", "--out", str(tmp_path), "--threads", bad])
+        assert e.value.code == 2
+        assert "--threads: expected a positive integer" in capsys.readouterr().err
