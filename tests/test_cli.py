@@ -92,7 +92,7 @@ def test_smoke_finetune_prints_rank_table(small_base, tmp_path, capsys, method):
 @pytest.mark.parametrize("argv,message", [
     (["pretrain", "--digits", "9", "--steps", "1"], "digits must be between 1 and 6"),
     (["eval", "--ckpt", "does/not/exist.pt"], "no model checkpoint at does/not/exist.pt"),
-    (["finetune", "--rank", "0", "--base", "{ck}", "--steps", "1"], "rank must be an int in 1..min(in, out) = 1..32"),
+    (["finetune", "--rank", "64", "--base", "{ck}", "--steps", "1"], "rank must be an int in 1..min(in, out) = 1..32"),
     (["finetune", "--targets", "qkv", "--base", "{ck}", "--steps", "1"], "match no nn.Linear"),
 ])
 def test_bad_input_gives_a_clear_error(argv, message, small_base, capsys):
