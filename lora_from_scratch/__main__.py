@@ -364,9 +364,19 @@ def main(argv=None) -> int:
         metrics = a.fn(a)
         _write_metrics(a.metrics_out, {"command": a.command, **metrics})
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_name_the_flag(str(e), parser, a)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _name_the_flag(message: str, parser, a) -> str:
+    """An API error names the argument ("batch_size must be ..."); on the
+    command line, name the flag instead ("--batch-size must be ...")."""
+    first = message.split(" ", 1)[0]
+    flags = _flags(parser, a.command)
+    flags.update({d[len("opt_"):]: f for d, f in flags.items() if d.startswith("opt_")})  # method options
+    key = first.split("[", 1)[0]
+    return flags[key] + message[len(key):] if key in flags else message
 
 
 if __name__ == "__main__":

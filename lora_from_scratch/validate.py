@@ -61,10 +61,11 @@ def check_ranks(name: str, values, lo: int = 1, hi: int | None = None) -> tuple[
         raise TypeError(f"{name} must be a list of ints, got {_show(values)}")
     out = [check_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
     if not out:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name} must be a non-empty set of ints within {lo}..{'' if hi is None else hi}, got []")
     bad = [v for v in out if v < lo or (hi is not None and v > hi)]
     if bad:
-        raise ValueError(f"{name} must be ints in {lo}..{'' if hi is None else hi}, got {bad[0]} in {list(out)}")
+        raise ValueError(f"{name} must be a non-empty set of ints within {lo}..{'' if hi is None else hi}, "
+                         f"got {bad[0]} in {list(out)}")
     return tuple(sorted(set(out)))
 
 
