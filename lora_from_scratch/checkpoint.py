@@ -131,7 +131,7 @@ def safe_load(path, what: str = "checkpoint") -> dict:
         raise
     except Exception as e:  # truncated, corrupt, not a torch file, or pickled code a safe load refuses
         why = ("it holds Python objects that a safe (weights_only) load does not run"
-               if "Weights only load failed" in str(e) else "not a file torch.save wrote, or a truncated one")
+               if "Unsupported global" in str(e) else "not a file torch.save wrote, or a truncated one")
         raise ValueError(f"{path} is not a readable {what} ({why})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a {what}: expected a dict, found {type(obj).__name__}")

@@ -57,15 +57,14 @@ def check_int(name: str, value, lo: int | None = None, hi: int | None = None) ->
 def check_ranks(name: str, values, lo: int = 1, hi: int | None = None) -> tuple[int, ...]:
     """A non-empty list (or tuple) of ints within [lo, hi], as a sorted tuple
     without repeats."""
-    if isinstance(values, (str, bytes, dict, set)) or not hasattr(values, "__iter__"):
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name} must be a list of ints, got {_show(values)}")
     out = [check_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
-    if not out:
-        raise ValueError(f"{name} must be a non-empty set of ints within {lo}..{'' if hi is None else hi}, got []")
+    where = f">= {lo}" if hi is None else f"within {lo}..{hi}"
     bad = [v for v in out if v < lo or (hi is not None and v > hi)]
-    if bad:
-        raise ValueError(f"{name} must be a non-empty set of ints within {lo}..{'' if hi is None else hi}, "
-                         f"got {bad[0]} in {list(out)}")
+    if not out or bad:
+        raise ValueError(f"{name} must be a non-empty set of ints {where}, got "
+                         + (f"{bad[0]} in {out}" if out else "[]"))
     return tuple(sorted(set(out)))
 
 
