@@ -364,7 +364,8 @@ def main(argv=None) -> int:
         metrics = a.fn(a)
         _write_metrics(a.metrics_out, {"command": a.command, **metrics})
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
-        print(f"error: {_name_the_flag(str(e), parser, a)}", file=sys.stderr)
+        hint = " (a smaller --lr may help)" if isinstance(e, FloatingPointError) and getattr(a, "lr", None) else ""
+        print(f"error: {_name_the_flag(str(e), parser, a)}{hint}", file=sys.stderr)
         return 2
     return 0
 
