@@ -184,7 +184,7 @@ def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
     if a.scale == "none" and a.alpha is not None:
         raise ValueError(f"--alpha {a.alpha} does not apply with --scale none (c(r) = 1); drop one of them")
     try:
-        eval_ranks = int_list(a.eval_ranks) if a.eval_ranks else None
+        eval_ranks = int_list(a.eval_ranks) if a.eval_ranks is not None else None
     except ValueError as e:
         raise ValueError(f"--eval-ranks: {e}") from None
     if eval_ranks and not all(1 <= r <= a.rank for r in eval_ranks):
@@ -341,6 +341,9 @@ def check_command(parser: argparse.ArgumentParser, a) -> None:
     dirs = set(getattr(a, "output_dirs", ())) | {d for d in values if d.endswith("_dir")}
     files = {d for d in values if d == "out" or d.endswith("_out") or d.startswith("save_")} - dirs
     outputs = {d: values[d] for d in sorted(files | dirs) if isinstance(values[d], str)}
+    for d, path in outputs.items():
+        if not path.strip():
+            raise ValueError(f"{flags[d]} is empty; give a path")
     inputs = {d: v for d, v in values.items() if d not in outputs and isinstance(v, str) and os.path.isfile(v)}
     for d, path in outputs.items():
         if d in dirs:  # a cache folder may be read-only when it already holds what is needed
@@ -366,6 +369,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError) as e:
         hint = " (a smaller --lr may help)" if isinstance(e, FloatingPointError) and getattr(a, "lr", None) else ""
         print(f"error: {_name_the_flag(str(e), parser, a)}{hint}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # a model or batch too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+            raise  # a bug, not a user mistake: keep the traceback
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller model or --batch-size",
+              file=sys.stderr)
         return 2
     return 0
 

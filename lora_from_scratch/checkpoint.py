@@ -71,14 +71,23 @@ def _plain_open_mode(path: Path) -> int:
 def atomic_write(path, mode: str = "w"):
     """Open a temporary file beside ``path`` for writing; on success it is
     flushed to disk and renamed over ``path``, on any error removed. Every
-    file this project writes goes through here. An ``OSError`` (no space,
+    file this project writes goes through here. A symbolic link is followed
+    (its target is replaced); a device or pipe such as /dev/stdout is written
+    directly. An ``OSError`` (no space,
     no permission, a folder in the way) is re-raised naming ``path``."""
     path = Path(path)
     tmp = None
     try:
+        if path.exists() and not path.is_file():
+            if path.is_dir():
+                raise IsADirectoryError(21, "is a folder, not a file", str(path))
+            # a device or a pipe (/dev/stdout): written in place, as renaming over it would destroy it
+            with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+                yield f
+            return
+        if path.is_symlink():  # write the file the link points to, as open() would, not over the link
+            path = Path(os.path.realpath(path))
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise IsADirectoryError(21, "is a folder, not a file", str(path))
         _remove_stale_temps(path)
         tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -129,7 +129,11 @@ def check_writable_file(path, name: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name} {path} is a folder, not a file")
-    _check_parents(path, name)
+    if path.exists() and not path.is_file():  # a device or pipe, e.g. /dev/stdout: written in place
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{name} {path} is not writable")
+        return path
+    _check_parents(Path(os.path.realpath(path)) if path.is_symlink() else path, name)
     return path
 
 

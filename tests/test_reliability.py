@@ -12,9 +12,11 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +87,7 @@ def files(tmp_path_factory):
     f["dotdot"] = d / "sub" / ".." / "base.pt"
     (d / "ro").mkdir()
     f["ro"] = d / "ro"
+    f["none"] = ""  # an empty argument, e.g. an unset shell variable
     return f
 
 
@@ -126,6 +129,8 @@ ROWS = [
     ("data --out {file}/sub", "--out"),
     ("demo --cache-dir {file}", "--cache-dir {file} is a file"),
     ("demo --metrics-out {d}", "--metrics-out {d} is a folder"),
+    ("data --out {none}", "--out is empty; give a path"),
+    ("eval --metrics-out {none}", "--metrics-out is empty"),
     # ----- numbers out of range, not finite, not numbers: named, before any work
     ("pretrain --batch-size 0", "--batch-size: must be an int in 1..65536, got 0"),
     ("pretrain --batch-size -3", "--batch-size"),
@@ -146,6 +151,7 @@ ROWS = [
     ("finetune --eval-ranks 2,x", "--eval-ranks: expected comma-separated integers"),
     ("finetune --eval-ranks 16", "--eval-ranks 16: every rank must be in 1..--rank = 1..8"),
     ("finetune --eval-ranks 0,2", "--eval-ranks"),
+    ("finetune --eval-ranks {none}", "--eval-ranks: expected comma-separated integers like 1,2,4, got ''"),
     ("finetune --steps 0", "--steps: must be an int >= 1"),
     ("pretrain --steps -1", "--steps"),
     ("pretrain --n-layer 0", "--n-layer"),
@@ -407,6 +413,36 @@ def test_written_files_get_the_mode_of_a_plain_open(tmp_path):
         assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_links_and_pipes_are_written_as_open_would(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    os.symlink(real, tmp_path / "link.json")
+    write_json(tmp_path / "link.json", {"a": 1})  # through the link: the link stays a link
+    assert (tmp_path / "link.json").is_symlink() and json.loads(real.read_text()) == {"a": 1}
+    fifo = tmp_path / "pipe"  # like --metrics-out /dev/stdout: written in place, never renamed over
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_json(fifo, {"b": 2})
+    reader.join(10)
+    assert json.loads(got[0]) == {"b": 2} and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(files, monkeypatch, capsys):
+    def huge(cfg):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(cli, "pretrain", huge)
+    rc, err = _run_cli(_argv("pretrain --n-embd 100000", files), capsys)
+    assert rc == 2 and err.startswith("error: out of memory (") and err.count("\n") == 1, err
+
+    def bug(cfg):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(cli, "pretrain", bug)
+    with pytest.raises(RuntimeError, match="shapes"):
+        cli.main(_argv("pretrain", files))
 
 
 KILLED_SAVE = textwrap.dedent("""
