@@ -210,15 +210,18 @@ def _print_results(m: dict) -> None:
 
 def cmd_finetune(a) -> dict:
     device = resolve_device(a.device)
-    base_model = None
-    if a.base:
-        base_model, _ = load_model(a.base, device)
+    cached = {"--base-task": a.base_task, "--base-digits": a.base_digits, "--base-seed": a.base_seed,
+              "--cache-dir": a.cache_dir}
+    if a.base and any(v is not None for v in cached.values()):  # they describe the cached base, not --base
+        raise ValueError(f"{', '.join(k for k, v in cached.items() if v is not None)} "
+                         f"do(es) not apply with --base {a.base}")
     try:
-        base_cfg = PretrainConfig(task=a.base_task, digits=a.base_digits, seed=a.base_seed, device=device,
-                                  progress=not a.quiet)
+        base_cfg = PretrainConfig(task=a.base_task or "add", digits=a.base_digits, seed=a.base_seed or 0,
+                                  device=device, progress=not a.quiet)
     except ValueError as e:
         raise ValueError(f"--base-digits: {e}") from None
     cfg = _finetune_config(a, base_cfg)
+    base_model = load_model(a.base, device)[0] if a.base else None
     if a.save_adapters and not a.base and same_file(a.save_adapters,
                                                     Path(a.cache_dir or default_cache()) / base_cfg.cache_key()):
         raise ValueError(f"--save-adapters {a.save_adapters} is the cached base model this command reads")
@@ -300,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-ranks", help="sub-ranks to evaluate (lora, dylora, matryoshka), e.g. 1,2,4,8 "
                    "(default powers of 2 up to R)")
     p.add_argument("--base", help="base checkpoint (default: pretrain one on --base-task, cached)")
-    p.add_argument("--base-task", default="add", choices=TASKS, help="task of the cached base (default add)")
+    p.add_argument("--base-task", choices=TASKS, help="task of the cached base (default add)")
     p.add_argument("--base-digits", help="digits of the cached base (default: the task's default)")
-    p.add_argument("--base-seed", type=cli_int(0, SEED_LIMIT - 1), default=0, help="seed of the cached base (default 0)")
+    p.add_argument("--base-seed", type=cli_int(0, SEED_LIMIT - 1), help="seed of the cached base (default 0)")
     p.add_argument("--save-adapters", metavar="FILE", help="write the trained adapter weights to FILE")
     p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
                    "or $LORA_FROM_SCRATCH_CACHE)")
@@ -334,6 +337,8 @@ def check_command(parser: argparse.ArgumentParser, a) -> None:
     flags = _flags(parser, a.command)
     values = {d: getattr(a, d) for d in flags if getattr(a, d, None) is not None}
     for d, v in values.items():
+        if isinstance(v, str) and not v.strip():  # e.g. an unset shell variable: never meant as "the default"
+            raise ValueError(f"{flags[d]} is empty")
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{flags[d]} must be a finite number, got {v}")
         if (d == "seed" or d.endswith("_seed")) and isinstance(v, int) and not 0 <= v < SEED_LIMIT:
@@ -341,9 +346,6 @@ def check_command(parser: argparse.ArgumentParser, a) -> None:
     dirs = set(getattr(a, "output_dirs", ())) | {d for d in values if d.endswith("_dir")}
     files = {d for d in values if d == "out" or d.endswith("_out") or d.startswith("save_")} - dirs
     outputs = {d: values[d] for d in sorted(files | dirs) if isinstance(values[d], str)}
-    for d, path in outputs.items():
-        if not path.strip():
-            raise ValueError(f"{flags[d]} is empty; give a path")
     inputs = {d: v for d, v in values.items() if d not in outputs and isinstance(v, str) and os.path.isfile(v)}
     for d, path in outputs.items():
         if d in dirs:  # a cache folder may be read-only when it already holds what is needed

@@ -96,8 +96,7 @@ def _snapshot(d: Path) -> dict:
 
 
 # Defaults that keep a row cheap should it get past its check (none should)
-DEFAULTS = {"finetune": ["--base", "{ck}", "--task", "sub", "--digits", "1", "--steps", "2", "--batch-size", "4",
-                         "--cache-dir", "{d}/cache"],
+DEFAULTS = {"finetune": ["--base", "{ck}", "--task", "sub", "--digits", "1", "--steps", "2", "--batch-size", "4"],
             "pretrain": ["--task", "add", "--digits", "1", "--steps", "2", "--batch-size", "4", "--n-layer", "1",
                          "--n-embd", "32", "--n-head", "2", "--out", "{d}/new.pt"],
             "eval": ["--ckpt", "{ck}", "--task", "add", "--digits", "1"],
@@ -123,13 +122,13 @@ ROWS = [
     ("pretrain --metrics-out {file}/deeper/m.json", "--metrics-out"),
     ("finetune --save-adapters {d}", "--save-adapters {d} is a folder"),
     ("finetune --save-adapters {file}/a.pt", "--save-adapters"),
-    ("finetune --cache-dir {file}", "--cache-dir {file} is a file, not a folder"),
-    ("finetune --cache-dir {file}/sub", "--cache-dir"),
+    ("finetune NOBASE --cache-dir {file}", "--cache-dir {file} is a file, not a folder"),
+    ("finetune NOBASE --cache-dir {file}/sub", "--cache-dir"),
     ("data --out {file}", "--out {file} is a file, not a folder"),
     ("data --out {file}/sub", "--out"),
     ("demo --cache-dir {file}", "--cache-dir {file} is a file"),
     ("demo --metrics-out {d}", "--metrics-out {d} is a folder"),
-    ("data --out {none}", "--out is empty; give a path"),
+    ("data --out {none}", "--out is empty"),
     ("eval --metrics-out {none}", "--metrics-out is empty"),
     # ----- numbers out of range, not finite, not numbers: named, before any work
     ("pretrain --batch-size 0", "--batch-size: must be an int in 1..65536, got 0"),
@@ -138,7 +137,7 @@ ROWS = [
     ("finetune --batch-size 0", "--batch-size"),
     ("pretrain --seed 99999999999999999999999", "--seed"),
     ("pretrain --seed -1", "--seed"),
-    ("finetune --base-seed -5", "--base-seed"),
+    ("finetune --base-seed -5 NOBASE", "--base-seed"),
     ("pretrain --pos-init-std -1", "--pos-init-std: must be a number >= 0.0"),
     ("pretrain --pos-init-std nan", "--pos-init-std: must be a finite number"),
     ("finetune --alpha 0", "--alpha: must be > 0"),
@@ -151,7 +150,10 @@ ROWS = [
     ("finetune --eval-ranks 2,x", "--eval-ranks: expected comma-separated integers"),
     ("finetune --eval-ranks 16", "--eval-ranks 16: every rank must be in 1..--rank = 1..8"),
     ("finetune --eval-ranks 0,2", "--eval-ranks"),
-    ("finetune --eval-ranks {none}", "--eval-ranks: expected comma-separated integers like 1,2,4, got ''"),
+    ("finetune --eval-ranks {none}", "--eval-ranks is empty"),
+    ("finetune --base {none}", "--base is empty"),
+    ("eval --data {none}", "--data is empty"),
+    ("finetune --targets {none}", "--targets is empty"),
     ("finetune --steps 0", "--steps: must be an int >= 1"),
     ("pretrain --steps -1", "--steps"),
     ("pretrain --n-layer 0", "--n-layer"),
@@ -164,11 +166,14 @@ ROWS = [
     ("finetune --rank 2.5", "--rank: not an int: '2.5'"),
     ("pretrain --digits 9", "--digits must be between 1 and 6"),
     ("pretrain --digits x", "--digits must be like '3' or '2,3'"),
-    ("finetune --base-digits 9", "--base-digits"),
+    ("finetune --base-digits 9 NOBASE --cache-dir {d}/cache", "--base-digits: digits must be between 1"),
     ("demo --digits 0", "--digits must be between 1 and 6"),
     ("pretrain --lr abc", "--lr: not a number"),
     # ----- flags that do not apply
     ("finetune --scale none --alpha 5", "--alpha 5.0 does not apply with --scale none"),
+    ("finetune --base-task mul", "--base-task do(es) not apply with --base"),
+    ("finetune --base-seed 3 --base-digits 2", "--base-digits, --base-seed do(es) not apply with --base"),
+    ("finetune --cache-dir {d}/cache", "--cache-dir do(es) not apply with --base"),
     ("finetune --method lora --unfrozen", "--unfrozen is an option of --method dylora"),
     ("finetune --method lora --train-ranks 999 --unfrozen", "is an option of --method dylora"),
     ("finetune --method matryoshka --unfrozen", "--unfrozen is an option of --method dylora"),
@@ -207,8 +212,8 @@ ROWS = [
 
 
 def _argv(row: str, f: dict) -> list[str]:
-    argv = [a.format(**f) for a in row.split()]
-    given = set(argv)
+    argv = [a.format(**f) for a in row.split() if a != "NOBASE"]
+    given = set(argv) | ({"--base"} if "NOBASE" in row else set())  # NOBASE: use the cached base, no --base
     defaults = DEFAULTS[argv[0]]
     for i in range(0, len(defaults), 2):  # flag, value pairs not already in the row
         if defaults[i] not in given:
