@@ -187,8 +187,6 @@ def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
         eval_ranks = int_list(a.eval_ranks) if a.eval_ranks is not None else None
     except ValueError as e:
         raise ValueError(f"--eval-ranks: {e}") from None
-    if eval_ranks and not all(1 <= r <= a.rank for r in eval_ranks):
-        raise ValueError(f"--eval-ranks {a.eval_ranks}: every rank must be in 1..--rank = 1..{a.rank}")
     return FinetuneConfig(method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale, options=_method_options(a),
                           targets=tuple(a.targets.split(",")) if a.targets != "all-linear" else "all-linear",
                           task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -212,9 +210,10 @@ def cmd_finetune(a) -> dict:
     device = resolve_device(a.device)
     cached = {"--base-task": a.base_task, "--base-digits": a.base_digits, "--base-seed": a.base_seed,
               "--cache-dir": a.cache_dir}
-    if a.base and any(v is not None for v in cached.values()):  # they describe the cached base, not --base
-        raise ValueError(f"{', '.join(k for k, v in cached.items() if v is not None)} "
-                         f"do(es) not apply with --base {a.base}")
+    given = [k for k, v in cached.items() if v is not None]
+    if a.base and given:  # they choose the cached base, which --base replaces
+        raise ValueError(f"with --base {a.base}, {' and '.join(given)} {'does' if len(given) == 1 else 'do'} "
+                         "not apply (they choose the cached base); drop them")
     try:
         base_cfg = PretrainConfig(task=a.base_task or "add", digits=a.base_digits, seed=a.base_seed or 0,
                                   device=device, progress=not a.quiet)
