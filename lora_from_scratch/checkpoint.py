@@ -73,8 +73,8 @@ def atomic_write(path, mode: str = "w"):
     flushed to disk and renamed over ``path``, on any error removed. Every
     file this project writes goes through here. A symbolic link is followed
     (its target is replaced); a device or pipe such as /dev/stdout is written
-    directly. An ``OSError`` (no space,
-    no permission, a folder in the way) is re-raised naming ``path``."""
+    directly. An ``OSError`` (no space, no permission, a folder in the way)
+    is re-raised naming ``path``."""
     path = Path(path)
     tmp = None
     try:
