@@ -132,7 +132,8 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    help="adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
                    + " (default lora)")
     p.add_argument("--rank", type=cli_int(1), default=8, help="(maximum) rank R (default 8)")
-    p.add_argument("--alpha", type=cli_float(positive=True), help="scale numerator alpha (default: the method's, 2 * rank for lora)")
+    p.add_argument("--alpha", type=cli_float(positive=True),
+                   help="scale numerator alpha (default: the method's, 2 * rank for lora)")
     p.add_argument("--scale", choices=["lora", "rslora", "none"],
                    help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's, lora for lora)")
     p.add_argument("--targets", default="all-linear",
@@ -181,8 +182,6 @@ def _method_options(a) -> dict:
 
 
 def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
-    if a.scale == "none" and a.alpha is not None:
-        raise ValueError(f"--alpha {a.alpha} does not apply with --scale none (c(r) = 1); drop one of them")
     try:
         eval_ranks = int_list(a.eval_ranks) if a.eval_ranks is not None else None
     except ValueError as e:
@@ -208,12 +207,6 @@ def _print_results(m: dict) -> None:
 
 def cmd_finetune(a) -> dict:
     device = resolve_device(a.device)
-    cached = {"--base-task": a.base_task, "--base-digits": a.base_digits, "--base-seed": a.base_seed,
-              "--cache-dir": a.cache_dir}
-    given = [k for k, v in cached.items() if v is not None]
-    if a.base and given:  # they choose the cached base, which --base replaces
-        raise ValueError(f"with --base {a.base}, {' and '.join(given)} {'does' if len(given) == 1 else 'do'} "
-                         "not apply (they choose the cached base); drop them")
     try:
         base_cfg = PretrainConfig(task=a.base_task or "add", digits=a.base_digits, seed=a.base_seed or 0,
                                   device=device, progress=not a.quiet)
@@ -272,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train a base TinyGPT from scratch on one task")
     _task_args(p, "add")
     p.add_argument("--steps", type=cli_int(1), help="optimizer steps, at most (default: tuned per task size)")
-    p.add_argument("--batch-size", type=cli_int(1, MAX_BATCH_SIZE), help="problems per step (default: tuned per task size, else 128)")
+    p.add_argument("--batch-size", type=cli_int(1, MAX_BATCH_SIZE),
+                   help="problems per step (default: tuned per task size, else 128)")
     p.add_argument("--lr", type=cli_float(positive=True), default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once 500 training-split problems are all answered, checked every 100 steps "
@@ -321,18 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction)).choices[command]
+
+
 def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
     """dest -> its longest flag, for the options of ``command``."""
-    sub = next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction)).choices[command]
-    return {x.dest: max(x.option_strings, key=len) for x in sub._actions if x.option_strings}
+    return {x.dest: max(x.option_strings, key=len) for x in _command_parser(parser, command)._actions
+            if x.option_strings}
 
 
 def check_command(parser: argparse.ArgumentParser, a) -> None:
     """Checks every command gets before it runs (so a new command gets them
-    too): numbers are finite, seeds in range, and output paths (flags named
-    --out, --*-out, --save-*: files; --*-dir and a command's ``output_dirs``:
-    folders) are writable, and none is an input of the command (any other
-    flag naming an existing file) or another output."""
+    too): no value is empty, numbers are finite, seeds in range, no flag is
+    given that does not apply, and output paths (flags named --out, --*-out,
+    --save-*: files; --*-dir and a command's ``output_dirs``: folders) are
+    writable, and none is an input of the command (any other flag naming an
+    existing file) or another output."""
     flags = _flags(parser, a.command)
     values = {d: getattr(a, d) for d in flags if getattr(a, d, None) is not None}
     for d, v in values.items():
@@ -342,6 +341,16 @@ def check_command(parser: argparse.ArgumentParser, a) -> None:
             raise ValueError(f"{flags[d]} must be a finite number, got {v}")
         if (d == "seed" or d.endswith("_seed")) and isinstance(v, int) and not 0 <= v < SEED_LIMIT:
             raise ValueError(f"{flags[d]} must be in 0..2**63-1, got {v}")
+    # flags that do not apply: those choosing the cached base (--base-*, --cache-dir) next to --base,
+    # and --alpha with --scale none (c(r) = 1 reads no alpha)
+    sub = _command_parser(parser, a.command)
+    given = [flags[d] for d in values
+             if (d.startswith("base_") or d == "cache_dir") and values[d] != sub.get_default(d)]
+    if values.get("base") and given:
+        raise ValueError(f"with --base {a.base}, {' and '.join(given)} {'does' if len(given) == 1 else 'do'} "
+                         "not apply (they choose the cached base); drop them")
+    if values.get("scale") == "none" and values.get("alpha") is not None:
+        raise ValueError(f"--alpha {a.alpha} does not apply with --scale none (c(r) = 1); drop one of them")
     dirs = set(getattr(a, "output_dirs", ())) | {d for d in values if d.endswith("_dir")}
     files = {d for d in values if d == "out" or d.endswith("_out") or d.startswith("save_")} - dirs
     outputs = {d: values[d] for d in sorted(files | dirs) if isinstance(values[d], str)}

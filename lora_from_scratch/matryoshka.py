@@ -59,7 +59,8 @@ def default_train_ranks(max_rank: int) -> list[int]:
 def matryoshka_P(max_rank: int, train_ranks=None, scale: str = "lora", alpha: float = 1.0) -> torch.Tensor:
     """The diagonal P (max_rank,): P_i = sum of c(s) over training ranks s >= i."""
     max_rank = check_int("max_rank", max_rank, 1)
-    S = default_train_ranks(max_rank) if train_ranks is None else list(check_ranks("train_ranks", train_ranks, 1, max_rank))
+    S = default_train_ranks(max_rank) if train_ranks is None else \
+        list(check_ranks("train_ranks", train_ranks, 1, max_rank))
     P = torch.zeros(max_rank, dtype=torch.float64)
     for s in S:  # each nested LoRA of rank s adds c(s) to its first s components
         P[:s] += lora_scale(s, alpha, scale)
@@ -70,7 +71,8 @@ class MatryoshkaLoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, train_ranks=None, scale: str = "lora",
                  dropout: float = 0.0):
         super().__init__(base, r, alpha, dropout=dropout, scale=scale)
-        self.train_ranks = default_train_ranks(r) if train_ranks is None else list(check_ranks("train_ranks", train_ranks, 1, r))
+        self.train_ranks = default_train_ranks(r) if train_ranks is None else \
+            list(check_ranks("train_ranks", train_ranks, 1, r))
         # fixed, derived from (r, S, c): a buffer, not saved with the weights
         self.register_buffer("P", matryoshka_P(r, self.train_ranks, scale, alpha).to(base.weight), persistent=False)
         self.rank = None  # None: the training forward with P; an int: sub-rank inference

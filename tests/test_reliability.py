@@ -328,7 +328,7 @@ API_ROWS = [
     (lambda: FinetuneConfig(scale="bogus"), ValueError, "scale must be one of"),
     (lambda: FinetuneConfig(eval_ranks=[2.5]), TypeError, r"eval_ranks\[0\] must be an int"),
     (lambda: FinetuneConfig(eval_ranks=4), TypeError, "eval_ranks must be a list of ints"),
-    (lambda: FinetuneConfig(rank=8, eval_ranks=[16]), ValueError, "eval_ranks must be a non-empty set of ints within 1..8"),
+    (lambda: FinetuneConfig(rank=8, eval_ranks=[16]), ValueError, "eval_ranks must be a non-empty set of ints within"),
     (lambda: FinetuneConfig(batch_size=0), ValueError, "batch_size must be an int in 1..65536, got 0"),
     (lambda: FinetuneConfig(lr=float("inf")), ValueError, "lr must be a finite number"),
     (lambda: FinetuneConfig(seed=2**70), ValueError, "seed must be an int in 0.."),
