@@ -41,7 +41,7 @@ from .adapters import AdapterLayer, adapter_layers
 from .adapters import adapters_disabled, add_adapters, merge_adapters, trainable_parameters  # noqa: F401
 from .adapters import load_adapters, save_adapters, unmerge_adapters  # noqa: F401
 from .train import evaluate
-from .validate import check_float, check_int, check_probability
+from .validate import check_float, check_int, check_probability, check_ranks
 
 SCALE_RULES = ("lora", "rslora", "none")
 
@@ -205,7 +205,8 @@ def evaluate_ranks(model: nn.Module, task, ranks, problems=None) -> dict[int, fl
     layers = [m for _, m in adapter_layers(model) if hasattr(m, "set_rank")]
     if not layers:
         raise ValueError("the model has no rank-based adapters (LoRA, DyLoRA, MatryoshkaLoRA)")
-    ranks = [check_int("eval rank", r, 1) for r in ranks]
+    check_ranks("ranks", ranks)  # a list of ints >= 1 (each is checked against the adapters' rank below)
+    ranks = [int(r) for r in ranks]
     saved = [m.rank for m in layers]
     out = {}
     try:

@@ -24,7 +24,7 @@ from .matryoshka import aurac
 from .methods import get_method
 from .model import GPTConfig, TinyGPT
 from .data import train_batches
-from .tasks import Task, parse_digits
+from .tasks import TASKS, Task, parse_digits
 from .tokenizer import Tokenizer
 from .data import MAX_BATCH_SIZE
 from .lora import SCALE_RULES
@@ -203,6 +203,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         spec = get_method(self.method)
+        check_choice("task", self.task, TASKS)
         self.digits = parse_digits(self.task, self.digits)
         self.rank = check_int("rank", self.rank, 1)
         if self.scale is None:

@@ -137,6 +137,8 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
     ``eval_every`` steps and once at the end; its numbers join the bar.
     """
     cfg = config or TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     if cfg.stop_metric is not None and eval_fn is None:
         raise ValueError(f"stop_metric={cfg.stop_metric!r} needs an eval_fn that reports it")
     t0 = time.perf_counter()

@@ -361,7 +361,18 @@ API_ROWS = [
     (lambda: train_batches(Task("add", 1), Tokenizer(), 0, 0), ValueError, "batch_size must be an int in 1.."),
     (lambda: train_batches(Task("add", 1), Tokenizer(), 4, 0.5), TypeError, "seed must be an int"),
     (lambda: encode_batch([], Tokenizer()), ValueError, "at least one problem"),
+    (lambda: Tokenizer().decode([5, 2.7]), TypeError, r"token ids must be ints, got 2.7 \(float\)"),
+    (lambda: evaluate_ranks(_lora_model(), Task("add", 1), 4), TypeError, "ranks must be a list of ints, got 4"),
+    (lambda: evaluate_ranks(_lora_model(), Task("add", 1), [1.5]), TypeError, r"ranks\[0\] must be an int"),
+    (lambda: train(_tiny(), sft_loss, lambda step: None, {"steps": 3}), TypeError, "config must be a TrainConfig"),
+    (lambda: FinetuneConfig(task="div"), ValueError, "task must be one of 'add', 'sub', 'mul', 'wordprob', got 'div'"),
 ]
+
+
+def _lora_model():
+    m = _tiny()
+    add_adapters(m, lambda lin: LoRALinear(lin, 2, 4))
+    return m
 
 
 @pytest.mark.parametrize("call,error,message", API_ROWS, ids=[str(i) for i in range(len(API_ROWS))])
