@@ -45,8 +45,8 @@ def _in_range(name: str, value, lo, hi, what: str):
 
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` as a Python int; ints and numpy ints only, within [lo, hi]."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be an int, got {_show(value)}")
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_" or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {_show(value)}")  # bool_: numpy's bool
     try:
         value = int(value.__index__())
     except TypeError:  # e.g. a tensor with more than one element

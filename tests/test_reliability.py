@@ -321,6 +321,7 @@ API_ROWS = [
     (lambda: add_adapters(_tiny(), lambda l: LoRALinear(l, 2, 4), targets=[5]), TypeError, "targets must be"),
     (lambda: FinetuneConfig(rank=2.5), TypeError, "rank must be an int, got 2.5"),
     (lambda: FinetuneConfig(rank=True), TypeError, "rank must be an int, got True"),
+    (lambda: FinetuneConfig(rank=np.bool_(True)), TypeError, "rank must be an int, got np.True_"),
     (lambda: FinetuneConfig(alpha="x"), TypeError, "alpha must be a number, got 'x'"),
     (lambda: FinetuneConfig(alpha=float("nan")), ValueError, "alpha must be a finite number"),
     (lambda: FinetuneConfig(alpha=0), ValueError, "alpha must be > 0"),
