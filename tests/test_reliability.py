@@ -209,6 +209,41 @@ ROWS = [
 ]
 
 
+# The rl command, when this checkout has it: the generic checks apply to it as to every command
+RL_ROWS = [
+    ("rl --metrics-out {ck}", "--metrics-out {ck} is the same file as --base"),
+    ("rl --save-adapters {ck}", "--save-adapters {ck} is the same file as --base"),
+    ("rl --save-adapters {d}", "--save-adapters {d} is a folder"),
+    ("rl --metrics-out {file}/m.json", "which is a file, not a folder"),
+    ("rl --beta nan", "--beta must be a finite number"),
+    ("rl --eps-high inf", "--eps-high must be a finite number"),
+    ("rl --temperature nan", "--temperature must be a finite number"),
+    ("rl --lr inf", "--lr"),
+    ("rl --seed 99999999999999999999999", "--seed"),
+    ("rl --base-seed -1", "--base-seed"),
+    ("rl --rank 0", "--rank"),
+    ("rl --alpha 0", "--alpha"),
+    ("rl --scale none --alpha 4", "--alpha 4.0 does not apply with --scale none"),
+    ("rl --method lora --unfrozen", "--unfrozen is an option of --method dylora"),
+    ("rl --cache-dir {d}/cache", "--cache-dir does not apply"),
+    ("rl --base-seed 3", "--base-seed does not apply"),
+    ("rl --base-steps 5", "--base-steps does not apply"),
+    ("rl --group-size 0", "--group-size"),
+    ("rl --prompts 0", "--prompts"),
+    ("rl --mu 0", "--mu"),
+    ("rl --temperature 0", "--temperature"),
+    ("rl --max-new-tokens 0", "--max-new-tokens"),
+    ("rl --steps -1", "--steps"),
+    ("rl --steps 0", "--steps"),
+    ("rl --eval-every -1", "eval_every"),
+]
+COMMANDS = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+if "rl" in COMMANDS:
+    ROWS += RL_ROWS
+    DEFAULTS["rl"] = ["--base", "{ck}", "--task", "add", "--digits", "1", "--steps", "1", "--prompts", "2",
+                      "--group-size", "2", "--eval-every", "0"]
+
+
 def _argv(row: str, f: dict) -> list[str]:
     argv = [a.format(**f) for a in row.split() if a != "NOBASE"]
     given = set(argv) | ({"--base"} if "NOBASE" in row else set())  # NOBASE: use the cached base, no --base
