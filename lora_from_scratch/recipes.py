@@ -23,10 +23,9 @@ from .lora import evaluate_ranks
 from .matryoshka import aurac
 from .methods import get_method
 from .model import GPTConfig, TinyGPT
-from .data import train_batches
+from .data import MAX_BATCH_SIZE, train_batches
 from .tasks import TASKS, Task, parse_digits
 from .tokenizer import Tokenizer
-from .data import MAX_BATCH_SIZE
 from .lora import SCALE_RULES
 from .validate import check_bool, check_choice, check_float, check_int, check_names, check_ranks, check_seed, \
     check_writable_file
