@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
 from .train import evaluate
@@ -69,6 +70,10 @@ def _matryoshka(rank, alpha, scale, opts):
     return lambda lin: MatryoshkaLoRALinear(lin, rank, alpha, train_ranks=opts.train_ranks, scale=scale)
 
 
+def _gralora(rank, alpha, scale, opts):
+    return lambda lin: GraLoRALinear(lin, rank, alpha, k=opts.k, hybrid_r=opts.hybrid_r, scale=scale)
+
+
 def _p_forward(model, task, opts) -> dict:
     # the training forward B diag(P) A, to compare with the sub-ranks (a fresh layer is at rank None)
     return {"p_forward_exact_match": evaluate(model, task)}
@@ -81,6 +86,8 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
                   sub_ranks=True),
     AdapterMethod("matryoshka", "MatryoshkaLoRA: all nested ranks trained at once through a fixed P",
                   _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward),
+    AdapterMethod("gralora", "GraLoRA: a k x k grid of blocks, each with its own rank-R/k LoRA "
+                  "(+ a rank hybrid_r LoRA)", _gralora, options=GraLoRAOptions),
 )}
 
 
