@@ -180,6 +180,10 @@ ROWS = [
     ("finetune --method dylora --train-ranks 2,x", "--train-ranks: expected comma-separated integers"),
     ("finetune --method lora --eval-ranks 1 --rank 2 --targets qkv", "match no nn.Linear"),
     ("finetune --targets ,", "match no nn.Linear"),
+    ("finetune --method lora --gralora-k 2", "--gralora-k is an option of --method gralora"),
+    ("finetune --method gralora --gralora-k x", "--gralora-k: invalid literal for int()"),
+    ("finetune --method gralora --gralora-k 0", "GraLoRA k (blocks per side) must be an int >= 1, got 0"),
+    ("finetune --method gralora --hybrid-r -1", "hybrid_r must be an int >= 0"),
     ("finetune --rank 64", "rank must be an int in 1..min(in, out) = 1..32"),
     # ----- files that are not what they should be
     ("eval --ckpt {bad}", "{bad} is not a readable model checkpoint (not a file torch.save wrote"),
