@@ -6,9 +6,10 @@
     finetune  add adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) to a base and train them
     demo      pretrain a base on addition, then teach it subtraction with LoRA
 
-Every command takes --seed, --device and --metrics-out FILE: its final
-metrics as JSON (pretrain, eval, finetune and demo report at least
-test_exact_match and seconds).
+Every command takes --seed, --device, --threads N (CPU threads torch may
+use; 1 by default, which is also what to keep on a machine shared with
+other work) and --metrics-out FILE: its final metrics as JSON (pretrain,
+eval, finetune and demo report at least test_exact_match and seconds).
 
 A mistake in the command line ends in one line on stderr and exit code 2,
 before any work: ``check_command`` checks every command's output paths
@@ -40,8 +41,28 @@ from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
 
+# benchmarks/threads.py, on a shared 2-core machine: 2 threads (torch's own default there) ran
+# 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
+# share of the cores from the other users. One thread is the fair, never-catastrophic choice.
+DEFAULT_THREADS = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=cli_int(0, SEED_LIMIT - 1), default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"CPU threads for torch (default {DEFAULT_THREADS}; keep 1 on a machine shared with "
+                        "other work, where extra threads wait on each other; results repeat exactly only "
+                        "for the same thread count)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run; auto picks cuda when available (default auto)")
     p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics to FILE as JSON")
@@ -133,9 +154,11 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
                    + " (default lora)")
     p.add_argument("--rank", type=cli_int(1), default=8, help="(maximum) rank R (default 8)")
     p.add_argument("--alpha", type=cli_float(positive=True),
-                   help="scale numerator alpha (default: the method's, 2 * rank for lora)")
+                   help="scale numerator alpha (default: the method's: 2 * rank for lora and dylora, "
+                   "1 for matryoshka, as its reference code)")
     p.add_argument("--scale", choices=["lora", "rslora", "none"],
-                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's, lora for lora)")
+                   help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's: lora for lora and "
+                   "dylora, rslora for matryoshka, as its reference code)")
     p.add_argument("--targets", default="all-linear",
                    help="comma-separated layer names, e.g. q_proj,v_proj (default all-linear)")
     seen = {}  # flag -> methods using it: two methods may share a flag (--train-ranks)
@@ -373,6 +396,7 @@ def main(argv=None) -> int:
     try:
         check_command(parser, a)
         import torch
+        torch.set_num_threads(a.threads)  # before any work: the thread count changes speed and last digits
         torch.manual_seed(a.seed)
         metrics = a.fn(a)
         _write_metrics(a.metrics_out, {"command": a.command, **metrics})

@@ -16,7 +16,7 @@ forward but are detached, so only component b (row b of A, column b of B)
 gets gradient; the lower components keep what earlier steps taught them.
 Non-frozen mode trains all of 1..b. (Frozen means zero gradient, not zero
 update: AdamW's momentum still moves a component for a while after its
-last gradient, as METHODS.md section 2 leaves it.)
+last gradient: the paper does not say, and we leave the optimizer as is.)
 
 The per-step draw is not in the layer: ``with_rank_sampling(loss_fn)``
 wraps any loss function, so the shared training loop stays unchanged.

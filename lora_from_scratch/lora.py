@@ -6,15 +6,19 @@ at most R instead of a full (out x in) update:
     y = W x + b + c(R) * B A dropout(x)        A: (R, in), B: (out, R)
 
 so it trains R * (in + out) numbers instead of in * out. ``A`` starts
-kaiming-uniform (entries within 1/sqrt(in)) and ``B`` at zero: the adapted
-model starts out exactly equal to the base model, and the first gradient
-step moves B (A's gradient is zero while B is zero).
+random and ``B`` at zero: the adapted model starts out exactly equal to the
+base model, and the first gradient step moves B (A's gradient is zero while
+B is zero). Hu et al. draw A from a Gaussian; we use kaiming-uniform
+(entries within 1/sqrt(in)), as loralib and HF PEFT do.
 
-Scale ``c(r)`` (``lora_scale``; METHODS.md section 0):
-    "lora"   alpha / r         the original: the update's size per unit of
-                               alpha stays the same when you change r
-    "rslora" alpha / sqrt(r)   rank-stabilised (Kalajdzievski 2023): alpha/r
-                               shrinks high ranks too much to learn fast
+Scale ``c(r)`` (``lora_scale``), the rule every rank-based adapter shares;
+a sub-rank r' always uses c(r'):
+    "lora"   alpha / r         Hu et al.: with Adam, alpha acts like the
+                               learning rate, so it need not be retuned
+                               when r changes
+    "rslora" alpha / sqrt(r)   rank-stabilised (Kalajdzievski 2023): keeps
+                               learning stable as r grows (alpha/r shrinks
+                               large ranks' updates until they learn slowly)
     "none"   1
 
 Sub-rank evaluation: ``set_rank(r')`` uses the first r' rows of A, the first
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 
 from .adapters import AdapterLayer, adapter_layers
 # The model-level helpers live in adapters.py (every adapter shares them);
-# they are importable from here too, where issue 3's interface names them.
+# they are importable from here too, where LoRA's users look for them first.
 from .adapters import adapters_disabled, add_adapters, merge_adapters, trainable_parameters  # noqa: F401
 from .adapters import load_adapters, save_adapters, unmerge_adapters  # noqa: F401
 from .train import evaluate

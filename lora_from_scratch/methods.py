@@ -84,8 +84,12 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
     AdapterMethod("dylora", "DyLoRA: one rank b drawn per step, every rank usable after training", _dylora,
                   options=DyLoRAOptions, wrap_loss=lambda loss_fn, opts: with_rank_sampling(loss_fn),
                   sub_ranks=True),
-    AdapterMethod("matryoshka", "MatryoshkaLoRA: all nested ranks trained at once through a fixed P",
-                  _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward),
+    # Scale default: the reference code's c(s) = 1/sqrt(s) (rsLoRA rule, alpha 1). On our toy a larger
+    # scale (alpha = 2 sqrt(R)) did no better for the sub-ranks (benchmarks/rank_curves.py, tutorial 03).
+    AdapterMethod("matryoshka", "MatryoshkaLoRA: all nested ranks trained at once through a fixed P "
+                  "(default scale as its reference code: rslora, alpha 1, i.e. c(s) = 1/sqrt(s))",
+                  _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward,
+                  default_scale="rslora", default_alpha=lambda rank: 1.0),
     AdapterMethod("gralora", "GraLoRA: a k x k grid of blocks, each with its own rank-R/k LoRA "
                   "(+ a rank hybrid_r LoRA)", _gralora, options=GraLoRAOptions),
 )}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("*.md"))
+TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("[0-9][0-9]_*.md"))  # not README.md
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
