@@ -45,21 +45,12 @@ from .train import evaluate, predict
 # 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
 # share of the cores from the other users. One thread is the fair, never-catastrophic choice.
 DEFAULT_THREADS = 1
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+MAX_THREADS = 256  # far more than any machine this runs on; 100000 would hang creating threads
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=cli_int(0, SEED_LIMIT - 1), default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",
+    p.add_argument("--threads", type=cli_int(1, MAX_THREADS), default=DEFAULT_THREADS, metavar="N",
                    help=f"CPU threads for torch (default {DEFAULT_THREADS}; keep 1 on a machine shared with "
                         "other work, where extra threads wait on each other; results repeat exactly only "
                         "for the same thread count)")

@@ -167,6 +167,8 @@ ROWS = [
     ("finetune --base-digits 9 NOBASE --cache-dir {d}/cache", "--base-digits: digits must be between 1"),
     ("demo --digits 0", "--digits must be between 1 and 6"),
     ("pretrain --lr abc", "--lr: not a number"),
+    ("eval --threads 0", "--threads: must be an int in 1..256, got 0"),
+    ("eval --threads 100000", "--threads: must be an int in 1..256"),
     # ----- flags that do not apply
     ("finetune --scale none --alpha 5", "--alpha 5.0 does not apply with --scale none"),
     ("finetune --base-task mul", "with --base {ck}, --base-task does not apply (they choose the cached base)"),
