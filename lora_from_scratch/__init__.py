@@ -12,7 +12,9 @@ from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
 from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryoshka_P
+from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .methods import METHODS, AdapterMethod, get_method
+from .remix import ReMixLinear, ReMixOptions, effective_support_size, rloo_loss
 from .model import GPTConfig, KVCache, TinyGPT
 from .tasks import TASKS, Problem, Task
 from .tokenizer import Tokenizer
