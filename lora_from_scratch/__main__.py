@@ -191,6 +191,8 @@ def _method_options(a) -> dict:
                 value = parse(value)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from None
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
         out[name] = value
     return out
 

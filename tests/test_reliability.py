@@ -186,6 +186,9 @@ ROWS = [
     ("finetune --method gralora --gralora-k x", "--gralora-k: invalid literal for int()"),
     ("finetune --method gralora --gralora-k 0", "GraLoRA k (blocks per side) must be an int >= 1, got 0"),
     ("finetune --method gralora --hybrid-r -1", "hybrid_r must be an int >= 0"),
+    ("finetune --method mixlora --balance nan", "--balance must be a finite number, got nan"),
+    ("finetune --method remix --selections 1", "--selections (M) must be an int >= 2"),
+    ("finetune --method lora --experts 4", "--experts is an option of --method remix / mixlora"),
     ("finetune --rank 64", "rank must be an int in 1..min(in, out) = 1..32"),
     # ----- files that are not what they should be
     ("eval --ckpt {bad}", "{bad} is not a readable model checkpoint (not a file torch.save wrote"),
