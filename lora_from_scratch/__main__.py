@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mu", type=int, default=d.mu, help=f"optimizer steps per batch of rollouts (default {d.mu})")
     g.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature})")
     g.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's longest answer + 1)")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--steps", type=cli_int(1), default=d.steps, help=f"optimizer steps (default {d.steps})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"greedy test exact-match every N steps (default {d.eval_every}; 0: only at the end)")

@@ -157,7 +157,7 @@ def test_smoke_rl_end_to_end(small_base, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--group-size", "1"], "group_size must be an int >= 2"),
+    (["--group-size", "1"], "--group-size must be an int >= 2"),
     (["--beta", "-1"], "beta must be >= 0"),
     (["--temperature", "0"], "temperature must be > 0"),
 ])
