@@ -11,11 +11,20 @@ Every command takes --seed, --device, --threads N (CPU threads torch may
 use; 1 by default, which is also what to keep on a machine shared with
 other work) and --metrics-out FILE: its final metrics as JSON (pretrain,
 eval, finetune and demo report at least test_exact_match and seconds).
+
+A mistake in the command line ends in one line on stderr and exit code 2,
+before any work: ``check_command`` checks every command's output paths
+(a flag named ``--out``, ``--*-out``, ``--save-*``, or ``--*-dir`` for a
+folder) against its inputs and each other, and that they can be written, and
+that every number is finite; each flag's own range is checked by its
+``type=``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from dataclasses import asdict, fields
@@ -27,7 +36,8 @@ from .adapters import int_list
 from .methods import METHODS, get_method, option_flags
 from .recipes import FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     default_cache, pretrain, resolve_device
-from .data import load_problems, save_problems
+from .data import MAX_BATCH_SIZE, load_problems, save_problems
+from .validate import SEED_LIMIT, check_writable_dir, check_writable_file, cli_float, cli_int, same_file
 from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
@@ -36,21 +46,12 @@ from .train import evaluate, predict
 # 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
 # share of the cores from the other users. One thread is the fair, never-catastrophic choice.
 DEFAULT_THREADS = 1
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+MAX_THREADS = 256  # far more than any machine this runs on; 100000 would hang creating threads
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",
+    p.add_argument("--seed", type=cli_int(0, SEED_LIMIT - 1), default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=cli_int(1, MAX_THREADS), default=DEFAULT_THREADS, metavar="N",
                    help=f"CPU threads for torch (default {DEFAULT_THREADS}; keep 1 on a machine shared with "
                         "other work, where extra threads wait on each other; results repeat exactly only "
                         "for the same thread count)")
@@ -68,10 +69,10 @@ def _task_args(p: argparse.ArgumentParser, default_task: str | None) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     d = PretrainConfig()
-    p.add_argument("--n-layer", type=int, default=d.n_layer, help=f"transformer blocks (default {d.n_layer})")
-    p.add_argument("--n-head", type=int, default=d.n_head, help=f"attention heads (default {d.n_head})")
-    p.add_argument("--n-embd", type=int, default=d.n_embd, help=f"model width (default {d.n_embd})")
-    p.add_argument("--pos-init-std", type=float, default=d.pos_init_std,
+    p.add_argument("--n-layer", type=cli_int(1), default=d.n_layer, help=f"transformer blocks (default {d.n_layer})")
+    p.add_argument("--n-head", type=cli_int(1), default=d.n_head, help=f"attention heads (default {d.n_head})")
+    p.add_argument("--n-embd", type=cli_int(1), default=d.n_embd, help=f"model width (default {d.n_embd})")
+    p.add_argument("--pos-init-std", type=cli_float(0.0), default=d.pos_init_std,
                    help=f"init std of the position embeddings (default {d.pos_init_std}; GPT-2 uses 0.02)")
 
 
@@ -109,8 +110,11 @@ def _pretrain_config(a) -> PretrainConfig:
 
 def cmd_pretrain(a) -> dict:
     cfg = _pretrain_config(a)
-    model, metrics = pretrain(cfg)
     out = Path(a.out) if a.out else default_cache() / cfg.cache_key()
+    check_writable_file(out, "checkpoint")
+    if a.metrics_out and same_file(out, a.metrics_out):
+        raise ValueError(f"--metrics-out {a.metrics_out} is the checkpoint this command writes")
+    model, metrics = pretrain(cfg)
     save_model(model, out, metrics=metrics, pretrain=jsonable(asdict(cfg)))
     stopped = " (stopped early: the training sample was solved)" if metrics["stopped_early"] else ""
     print(f"test exact-match {metrics['test_exact_match']:.4f} after {metrics['steps']} steps{stopped}, "
@@ -127,7 +131,7 @@ def cmd_eval(a) -> dict:
         raise ValueError(f"{a.ckpt} does not record its task; pass --task")
     digits = a.digits or (spec.get("digits") if name == spec.get("name") else None)
     task = Task(name, digits)
-    problems = load_problems(a.data) if a.data else None
+    problems = load_problems(a.data, block_size=model.config.block_size) if a.data else None
     acc = evaluate(model, task, problems)
     print(f"{task}: test exact-match {acc:.4f}")
     print("\n".join(_samples(model, task, a.samples, problems)))
@@ -140,8 +144,9 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lora", choices=list(METHODS),
                    help="adapter: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
                    + " (default lora)")
-    p.add_argument("--rank", type=int, default=8, help="(maximum) rank R (default 8)")
-    p.add_argument("--alpha", type=float, help="scale numerator alpha (default: the method's: 2 * rank for lora and dylora, "
+    p.add_argument("--rank", type=cli_int(1), default=8, help="(maximum) rank R (default 8)")
+    p.add_argument("--alpha", type=cli_float(positive=True),
+                   help="scale numerator alpha (default: the method's: 2 * rank for lora and dylora, "
                    "1 for matryoshka, as its reference code)")
     p.add_argument("--scale", choices=["lora", "rslora", "none"],
                    help="scale rule c(r): alpha/r, alpha/sqrt(r) or 1 (default: the method's: lora for lora and "
@@ -187,15 +192,21 @@ def _method_options(a) -> dict:
                 value = parse(value)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from None
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
         out[name] = value
     return out
 
 
 def _finetune_config(a, base: PretrainConfig) -> FinetuneConfig:
+    try:
+        eval_ranks = int_list(a.eval_ranks) if a.eval_ranks is not None else None
+    except ValueError as e:
+        raise ValueError(f"--eval-ranks: {e}") from None
     return FinetuneConfig(method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale, options=_method_options(a),
                           targets=tuple(a.targets.split(",")) if a.targets != "all-linear" else "all-linear",
                           task=a.task, digits=a.digits, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                          eval_ranks=int_list(a.eval_ranks) if a.eval_ranks else None,
+                          eval_ranks=eval_ranks,
                           base=base, seed=a.seed, device=base.device, progress=not a.quiet)
 
 
@@ -213,12 +224,16 @@ def _print_results(m: dict) -> None:
 
 def cmd_finetune(a) -> dict:
     device = resolve_device(a.device)
-    base_model = None
-    if a.base:
-        base_model, _ = load_model(a.base, device)
-    base_cfg = PretrainConfig(task=a.base_task, digits=a.base_digits, seed=a.base_seed, device=device,
-                              progress=not a.quiet)
+    try:
+        base_cfg = PretrainConfig(task=a.base_task or "add", digits=a.base_digits, seed=a.base_seed or 0,
+                                  device=device, progress=not a.quiet)
+    except ValueError as e:
+        raise ValueError(f"--base-digits: {e}") from None
     cfg = _finetune_config(a, base_cfg)
+    base_model = load_model(a.base, device)[0] if a.base else None
+    if a.save_adapters and not a.base and same_file(a.save_adapters,
+                                                    Path(a.cache_dir or default_cache()) / base_cfg.cache_key()):
+        raise ValueError(f"--save-adapters {a.save_adapters} is the cached base model this command reads")
     model, metrics = finetune(cfg, base_model, cache_dir=a.cache_dir)
     _print_results(metrics)
     if a.save_adapters:
@@ -314,18 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="write the fixed evaluation sets (500 problems per task)")
     p.add_argument("--out", default="data", help="folder to write TASK.jsonl into (default data)")
     _common(p)
+    p.set_defaults(output_dirs=("out",))
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("pretrain", help="train a base TinyGPT from scratch on one task")
     _task_args(p, "add")
-    p.add_argument("--steps", type=int, help="optimizer steps, at most (default: tuned per task size)")
-    p.add_argument("--batch-size", type=int, help="problems per step (default: tuned per task size, else 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--steps", type=cli_int(1), help="optimizer steps, at most (default: tuned per task size)")
+    p.add_argument("--batch-size", type=cli_int(1, MAX_BATCH_SIZE),
+                   help="problems per step (default: tuned per task size, else 128)")
+    p.add_argument("--lr", type=cli_float(positive=True), default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--stop-when-solved", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once 500 training-split problems are all answered, checked every 100 steps "
                         "(or every --eval-every steps when given; default: on for 3-digit addition, off otherwise)")
     _model_args(p)
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--eval-every", type=cli_int(0), default=0,
                    help="also evaluate every N steps and report when accuracy arrives (default 0: only at the end)")
     p.add_argument("--out", help="checkpoint path (default: <cache>/<settings>.pt, the cache being "
                    "data/checkpoints/ or $LORA_FROM_SCRATCH_CACHE)")
@@ -336,22 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="model checkpoint written by pretrain")
     _task_args(p, None)
     p.add_argument("--data", help="JSON-lines file of problems (default: the task's fixed test set)")
-    p.add_argument("--samples", type=int, default=5, help="sample answers to show (default 5)")
+    p.add_argument("--samples", type=cli_int(0), default=5, help="sample answers to show (default 5)")
     _common(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("finetune", help="train adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) on a new task")
     _adapter_args(p)
     _task_args(p, "sub")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
-    p.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--steps", type=cli_int(1), default=600, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=cli_int(1, MAX_BATCH_SIZE), default=128, help="problems per step (default 128)")
+    p.add_argument("--lr", type=cli_float(positive=True), default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--eval-ranks", help="sub-ranks to evaluate (lora, dylora, matryoshka), e.g. 1,2,4,8 "
                    "(default powers of 2 up to R)")
     p.add_argument("--base", help="base checkpoint (default: pretrain one on --base-task, cached)")
-    p.add_argument("--base-task", default="add", choices=TASKS, help="task of the cached base (default add)")
+    p.add_argument("--base-task", choices=TASKS, help="task of the cached base (default add)")
     p.add_argument("--base-digits", help="digits of the cached base (default: the task's default)")
-    p.add_argument("--base-seed", type=int, default=0, help="seed of the cached base (default 0)")
+    p.add_argument("--base-seed", type=cli_int(0, SEED_LIMIT - 1), help="seed of the cached base (default 0)")
     p.add_argument("--save-adapters", metavar="FILE", help="write the trained adapter weights to FILE")
     p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
                    "or $LORA_FROM_SCRATCH_CACHE)")
@@ -360,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pretrain on addition, then fine-tune subtraction with LoRA")
     p.add_argument("--digits", default="2", help="operand digits (default 2)")
-    p.add_argument("--finetune-steps", type=int, default=400, help="LoRA steps (default 400)")
+    p.add_argument("--finetune-steps", type=cli_int(1), default=400, help="LoRA steps (default 400)")
     p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
                    "or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
@@ -385,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mu", type=int, default=d.mu, help=f"optimizer steps per batch of rollouts (default {d.mu})")
     g.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature})")
     g.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's longest answer + 1)")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--steps", type=cli_int(1), default=d.steps, help=f"optimizer steps (default {d.steps})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help=f"greedy test exact-match every N steps (default {d.eval_every}; 0: only at the end)")
@@ -411,18 +428,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(x for x in parser._actions if isinstance(x, argparse._SubParsersAction)).choices[command]
+
+
+def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """dest -> its longest flag, for the options of ``command``."""
+    return {x.dest: max(x.option_strings, key=len) for x in _command_parser(parser, command)._actions
+            if x.option_strings}
+
+
+def check_command(parser: argparse.ArgumentParser, a) -> None:
+    """Checks every command gets before it runs (so a new command gets them
+    too): no value is empty, numbers are finite, seeds in range, no flag is
+    given that does not apply, and output paths (flags named --out, --*-out,
+    --save-*: files; --*-dir and a command's ``output_dirs``: folders) are
+    writable, and none is an input of the command (any other flag naming an
+    existing file) or another output."""
+    flags = _flags(parser, a.command)
+    values = {d: getattr(a, d) for d in flags if getattr(a, d, None) is not None}
+    for d, v in values.items():
+        if isinstance(v, str) and not v.strip():  # e.g. an unset shell variable: never meant as "the default"
+            raise ValueError(f"{flags[d]} is empty")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{flags[d]} must be a finite number, got {v}")
+        if (d == "seed" or d.endswith("_seed")) and isinstance(v, int) and not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"{flags[d]} must be in 0..2**63-1, got {v}")
+    # flags that do not apply: those choosing the cached base (--base-*, --cache-dir) next to --base,
+    # and --alpha with --scale none (c(r) = 1 reads no alpha)
+    sub = _command_parser(parser, a.command)
+    given = [flags[d] for d in values
+             if (d.startswith("base_") or d == "cache_dir") and values[d] != sub.get_default(d)]
+    if values.get("base") and given:
+        raise ValueError(f"with --base {a.base}, {' and '.join(given)} {'does' if len(given) == 1 else 'do'} "
+                         "not apply (they choose the cached base); drop them")
+    if values.get("scale") == "none" and values.get("alpha") is not None:
+        raise ValueError(f"--alpha {a.alpha} does not apply with --scale none (c(r) = 1); drop one of them")
+    dirs = set(getattr(a, "output_dirs", ())) | {d for d in values if d.endswith("_dir")}
+    files = {d for d in values if d == "out" or d.endswith("_out") or d.startswith("save_")} - dirs
+    outputs = {d: values[d] for d in sorted(files | dirs) if isinstance(values[d], str)}
+    inputs = {d: v for d, v in values.items() if d not in outputs and isinstance(v, str) and os.path.isfile(v)}
+    for d, path in outputs.items():
+        if d in dirs:  # a cache folder may be read-only when it already holds what is needed
+            check_writable_dir(path, flags[d], must_write=not d.startswith("cache"))
+        else:
+            check_writable_file(path, flags[d])
+        for other, q in list(inputs.items()) + [(o, q) for o, q in outputs.items() if o < d]:
+            if same_file(path, q):
+                kind = "input" if other in inputs else "output"
+                raise ValueError(f"{flags[d]} {path} is the same file as {flags[other]} {q}, "
+                                 f"an {kind} of this command; writing it would destroy it")
+
+
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     try:
+        check_command(parser, a)
         import torch
         torch.set_num_threads(a.threads)  # before any work: the thread count changes speed and last digits
         torch.manual_seed(a.seed)
         metrics = a.fn(a)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _write_metrics(a.metrics_out, {"command": a.command, **metrics})
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:
+        hint = " (a smaller --lr may help)" if isinstance(e, FloatingPointError) and getattr(a, "lr", None) else ""
+        print(f"error: {_name_the_flag(str(e), parser, a)}{hint}", file=sys.stderr)
         return 2
-    _write_metrics(a.metrics_out, {"command": a.command, **metrics})
+    except (MemoryError, RuntimeError) as e:  # a model or batch too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+            raise  # a bug, not a user mistake: keep the traceback
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller model or --batch-size",
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _name_the_flag(message: str, parser, a) -> str:
+    """An API error names the argument ("batch_size must be ..."); on the
+    command line, name the flag instead ("--batch-size must be ...")."""
+    first = message.split(" ", 1)[0]
+    flags = _flags(parser, a.command)
+    flags.update({d[len("opt_"):]: f for d, f in flags.items() if d.startswith("opt_")})  # method options
+    key = first.split("[", 1)[0]
+    return flags[key] + message[len(key):] if key in flags else message
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_save, jsonable, safe_load
+from .checkpoint import atomic_save, check_finite, jsonable, safe_load
+from .validate import check_bool, check_names
 
 
 class AdapterLayer(nn.Module):
@@ -104,7 +105,7 @@ def add_adapters(model: nn.Module, make_adapter, targets="all-linear") -> list[s
     if isinstance(targets, str):
         targets = None if targets == "all-linear" else [targets]
     if targets is not None:
-        targets = list(targets)
+        targets = check_names("targets", targets)
         if not targets:
             raise ValueError("targets is empty; give names such as ('q_proj', 'v_proj') or 'all-linear'")
         unmatched = [t for t in targets if not any(t == n or t == n.rsplit(".", 1)[-1] for n in linears)]
@@ -232,6 +233,7 @@ def save_adapters(model: nn.Module, path, **meta) -> None:
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model has no adapters to save")
+    check_finite(state, f"not saving {path}")
     atomic_save({"kind": "adapters", "state": state, "configs": adapter_configs(model),
                  "base": base_signature(model), "meta": meta}, path)
 
@@ -242,6 +244,7 @@ def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
     With ``check_base``, the model's base weights must be the ones the
     adapters were saved with (pass False to move adapters to another base
     on purpose)."""
+    check_base = check_bool("check_base", check_base)
     ckpt = safe_load(path, "adapter file")
     if ckpt.get("kind") != "adapters" or not isinstance(ckpt.get("state"), dict):
         raise ValueError(f"{path} is not an adapter file (keys: {sorted(ckpt)})")
@@ -259,8 +262,10 @@ def load_adapters(model: nn.Module, path, check_base: bool = True) -> dict:
         raise ValueError(f"{path} does not fit this model's adapters: missing {sorted(set(own) - set(state))[:4]}, "
                          f"unexpected {sorted(set(state) - set(own))[:4]}")
     for k, p in own.items():
-        if p.shape != state[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model's adapter has {tuple(p.shape)}")
+        if not torch.is_tensor(state[k]) or p.shape != state[k].shape:
+            found = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+            raise ValueError(f"{path}: {k} is {found}, the model's adapter has shape {tuple(p.shape)}")
+    check_finite(state, f"{path} is not a usable adapter file", ValueError)
     differs = _base_differs(ckpt["base"], model) if check_base and ckpt.get("base") else None
     if differs:
         raise ValueError(f"{path} was saved on another base model ({differs} differs from this model's); "

@@ -6,8 +6,9 @@
 - ``train_batches`` is the ``step -> batch`` function the training loop
   reads: fresh training problems per step, reproducible from (seed, step).
 - ``save_problems`` / ``load_problems`` write and read JSON-lines problem
-  files (the fixed evaluation sets in ``data/``); a malformed line is an
-  error naming the file and the line.
+  files (the fixed evaluation sets in ``data/``); a malformed line (not
+  UTF-8, not JSON, an empty prompt or answer, a character outside the
+  vocabulary, too long for the model) is an error naming the file and line.
 
 The tasks themselves (what a problem is, the train/test split) live in
 ``tasks.py``.
@@ -23,6 +24,9 @@ import torch
 from .checkpoint import atomic_write
 from .tasks import Problem, Task, stable_hash
 from .tokenizer import Tokenizer
+from .validate import check_int
+
+MAX_BATCH_SIZE = 65536  # a larger batch does not fit in memory on any machine this runs on
 
 
 def encode_batch(problems: list[Problem], tok: Tokenizer, with_answer: bool = True) -> dict:
@@ -35,6 +39,8 @@ def encode_batch(problems: list[Problem], tok: Tokenizer, with_answer: bool = Tr
     next token is part of the answer or <eos>, and -100 (ignored) elsewhere.
     The model reads ``input_ids[:, :-1]`` and is scored on ``targets[:, :-1]``.
     """
+    if not problems:
+        raise ValueError("encode_batch needs at least one problem")
     pad = tok.pad_id
     rows, masks, tgts = [], [], []
     encoded = [(tok.encode(p.prompt, bos=True), tok.encode(p.answer, eos=True) if with_answer else [])
@@ -57,9 +63,15 @@ def encode_batch(problems: list[Problem], tok: Tokenizer, with_answer: bool = Tr
 
 def train_batches(task: Task, tok: Tokenizer, batch_size: int, seed: int):
     """A function ``step -> batch`` of fresh training problems. Each step's
-    problems depend only on (seed, step), so a resumed run sees the same data."""
+    problems depend only on (seed, step), so a resumed run sees the same data.
+    The function carries ``signature``, what its stream depends on; the
+    training loop saves it in checkpoints and refuses to resume with another."""
+    batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    seed = check_int("seed", seed, -2**63, 2**64 - 1)  # the range torch.manual_seed takes
+
     def get_batch(step: int) -> dict:
         return encode_batch(task.sample_train(batch_size, seed=stable_hash(seed, step)), tok)
+    get_batch.signature = {"task": task.spec(), "batch_size": batch_size, "seed": seed}
     return get_batch
 
 
@@ -71,19 +83,24 @@ def save_problems(problems: list[Problem], path) -> None:
             f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
 
 
-def load_problems(path, tok: Tokenizer | None = None) -> list[Problem]:
+def load_problems(path, tok: Tokenizer | None = None, block_size: int | None = None) -> list[Problem]:
     """Read a JSON-lines file of ``{"prompt": ..., "answer": ...}``. A bad line
-    raises ``ValueError`` naming the file and the line number."""
+    raises ``ValueError`` naming the file and the line number. With
+    ``block_size``, every ``<bos> prompt answer <eos>`` must fit in it."""
     tok = tok or Tokenizer()
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no data file at {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start]:#x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -91,10 +108,16 @@ def load_problems(path, tok: Tokenizer | None = None) -> list[Problem]:
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
                     or not isinstance(rec.get("answer"), str):
                 raise ValueError(f'{where}: expected {{"prompt": str, "answer": str}}, got {line.strip()[:80]!r}')
+            if not rec["prompt"] or not rec["answer"]:
+                raise ValueError(f"{where}: the {'prompt' if not rec['prompt'] else 'answer'} is empty")
             try:
                 tok.encode(rec["prompt"] + rec["answer"])
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            need = len(rec["prompt"]) + len(rec["answer"]) + 2  # with <bos> and <eos>
+            if block_size is not None and need > block_size:
+                raise ValueError(f"{where}: prompt and answer take {need} tokens with <bos> and <eos>, "
+                                 f"the model reads at most block_size={block_size}")
             out.append(Problem(rec["prompt"], rec["answer"]))
     if not out:
         raise ValueError(f"{path}: no problems in file")

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from .adapters import adapter_layers, int_list, option
 from .lora import LoRALinear
+from .validate import check_bool, check_ranks
 
 
 @dataclass
@@ -40,15 +41,18 @@ class DyLoRAOptions:
     train_ranks: tuple | None = option(None, "the ranks a step draws from, e.g. 1,2,4,8 (default 1..R)",
                                        parse=int_list)
 
+    def __post_init__(self):
+        self.unfrozen = check_bool("unfrozen", self.unfrozen)
+        if self.train_ranks is not None:
+            self.train_ranks = check_ranks("train_ranks", self.train_ranks)
+
 
 class DyLoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, frozen: bool = True, ranks=None,
                  scale: str = "lora", dropout: float = 0.0):
         super().__init__(base, r, alpha, dropout=dropout, scale=scale)
-        ranks = list(range(1, r + 1)) if ranks is None else sorted({int(k) for k in ranks})
-        if not ranks or ranks[0] < 1 or ranks[-1] > r:
-            raise ValueError(f"DyLoRA ranks must be a non-empty set within 1..{r}, got {ranks!r}")
-        self.frozen = frozen  # True: only component b learns in a step
+        ranks = list(range(1, r + 1)) if ranks is None else list(check_ranks("DyLoRA ranks", ranks, 1, r))
+        self.frozen = check_bool("frozen", frozen)  # True: only component b learns in a step
         self.ranks = ranks  # the ranks a training step draws from
 
     def extra_repr(self) -> str:

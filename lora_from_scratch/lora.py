@@ -45,12 +45,16 @@ from .adapters import AdapterLayer, adapter_layers
 from .adapters import adapters_disabled, add_adapters, merge_adapters, trainable_parameters  # noqa: F401
 from .adapters import load_adapters, save_adapters, unmerge_adapters  # noqa: F401
 from .train import evaluate
+from .validate import check_float, check_int, check_probability, check_ranks
 
 SCALE_RULES = ("lora", "rslora", "none")
 
 
 def lora_scale(rank: int, alpha: float, rule: str = "lora") -> float:
     """c(rank): the factor in front of B A for a rank-``rank`` adapter."""
+    rank = check_int("rank", rank, 1)
+    if rule in ("lora", "rslora"):
+        alpha = check_float("alpha", alpha, positive=True)
     if rule == "lora":
         return alpha / rank
     if rule == "rslora":
@@ -64,7 +68,7 @@ def check_rank(r, base: nn.Linear) -> None:
     if not isinstance(base, nn.Linear):
         raise TypeError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
     limit = min(base.in_features, base.out_features)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
+    if isinstance(r, bool) or not hasattr(r, "__index__") or not 1 <= int(r) <= limit:  # numpy ints are fine
         raise ValueError(f"rank must be an int in 1..min(in, out) = 1..{limit} for a "
                          f"{base.in_features}->{base.out_features} layer, got {r!r}")
 
@@ -73,12 +77,12 @@ class LoRALinear(AdapterLayer):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, scale: str = "lora"):
         # check everything before super().__init__ freezes the base layer
         check_rank(r, base)
-        lora_scale(r, alpha, scale)  # rejects an unknown rule now, not at the first forward
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        r = int(r)  # numpy ints too
+        lora_scale(r, alpha, scale)  # rejects an unknown rule or a bad alpha now, not at the first forward
+        dropout = check_probability("dropout", dropout)
         super().__init__(base)
         self.r = r  # the maximum rank: rows of A, columns of B
-        self.alpha = float(alpha)
+        self.alpha = 1.0 if scale == "none" and alpha is None else float(alpha)  # "none" ignores alpha
         self.scale_rule = scale
         self.rank = r  # the rank in use; set_rank changes it
         w = base.weight
@@ -102,8 +106,8 @@ class LoRALinear(AdapterLayer):
         """Use the first ``r`` components from now on (None: the default)."""
         if self.merged:
             raise ValueError("unmerge() before changing the rank: the merged weight holds the old rank's update")
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r):
-            raise ValueError(f"sub-rank must be an int in 1..{self.r}, got {r!r}")
+        if r is not None:
+            r = check_int("sub-rank", r, 1, self.r)
         self.rank = self.r if r is None else r
 
     def factors(self):
@@ -205,6 +209,8 @@ def evaluate_ranks(model: nn.Module, task, ranks, problems=None) -> dict[int, fl
     layers = [m for _, m in adapter_layers(model) if hasattr(m, "set_rank")]
     if not layers:
         raise ValueError("the model has no rank-based adapters (LoRA, DyLoRA, MatryoshkaLoRA)")
+    check_ranks("ranks", ranks)  # a list of ints >= 1 (each is checked against the adapters' rank below)
+    ranks = [int(r) for r in ranks]
     saved = [m.rank for m in layers]
     out = {}
     try:

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .adapters import int_list, option
 from .lora import LoRALinear, lora_scale
+from .validate import check_int, check_ranks
 
 
 @dataclass
@@ -43,6 +44,10 @@ class MatryoshkaOptions:
     """MatryoshkaLoRA's own settings (besides rank, alpha and scale)."""
     train_ranks: tuple | None = option(None, "the nested ranks S trained at once, e.g. 2,8 "
                                        "(default 1, 2, 4, ..., R)", parse=int_list)
+
+    def __post_init__(self):
+        if self.train_ranks is not None:
+            self.train_ranks = check_ranks("train_ranks", self.train_ranks)
 
 
 def default_train_ranks(max_rank: int) -> list[int]:
@@ -53,11 +58,9 @@ def default_train_ranks(max_rank: int) -> list[int]:
 
 def matryoshka_P(max_rank: int, train_ranks=None, scale: str = "lora", alpha: float = 1.0) -> torch.Tensor:
     """The diagonal P (max_rank,): P_i = sum of c(s) over training ranks s >= i."""
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-    S = default_train_ranks(max_rank) if train_ranks is None else sorted({int(s) for s in train_ranks})
-    if not S or S[0] < 1 or S[-1] > max_rank:
-        raise ValueError(f"train_ranks must be a non-empty set within 1..{max_rank}, got {train_ranks!r}")
+    max_rank = check_int("max_rank", max_rank, 1)
+    S = default_train_ranks(max_rank) if train_ranks is None else \
+        list(check_ranks("train_ranks", train_ranks, 1, max_rank))
     P = torch.zeros(max_rank, dtype=torch.float64)
     for s in S:  # each nested LoRA of rank s adds c(s) to its first s components
         P[:s] += lora_scale(s, alpha, scale)
@@ -68,7 +71,8 @@ class MatryoshkaLoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, train_ranks=None, scale: str = "lora",
                  dropout: float = 0.0):
         super().__init__(base, r, alpha, dropout=dropout, scale=scale)
-        self.train_ranks = default_train_ranks(r) if train_ranks is None else sorted({int(s) for s in train_ranks})
+        self.train_ranks = default_train_ranks(r) if train_ranks is None else \
+            list(check_ranks("train_ranks", train_ranks, 1, r))
         # fixed, derived from (r, S, c): a buffer, not saved with the weights
         self.register_buffer("P", matryoshka_P(r, self.train_ranks, scale, alpha).to(base.weight), persistent=False)
         self.rank = None  # None: the training forward with P; an int: sub-rank inference

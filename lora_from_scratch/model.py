@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .validate import check_bool, check_float, check_int, check_probability
+
 
 @dataclass
 class GPTConfig:
@@ -41,8 +43,12 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+            setattr(self, name, check_int(f"GPTConfig.{name}", getattr(self, name), 1))
+        self.dropout = check_probability("GPTConfig.dropout", self.dropout)
+        self.bias = check_bool("GPTConfig.bias", self.bias)
+        self.pos_init_std = check_float("GPTConfig.pos_init_std", self.pos_init_std, 0.0)
+        self.pad_id = check_int("GPTConfig.pad_id", self.pad_id, 0, self.vocab_size - 1)
+        self.eos_id = check_int("GPTConfig.eos_id", self.eos_id, 0, self.vocab_size - 1)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
@@ -152,6 +158,13 @@ class TinyGPT(nn.Module):
         (S = past + T); None means no padding anywhere. With ``cache`` the new
         tokens attend to everything stored before them.
         """
+        if not torch.is_tensor(idx) or idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+            raise TypeError(f"token ids must be a (B, T) tensor of int64 or int32, got "
+                            f"{tuple(idx.shape) if torch.is_tensor(idx) else type(idx).__name__}"
+                            f"{' ' + str(idx.dtype) if torch.is_tensor(idx) else ''}")
+        if idx.numel() and bool(((idx < 0) | (idx >= self.config.vocab_size)).any()):
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got "
+                             f"{int(idx.min())}..{int(idx.max())}")
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         S = past + T
@@ -209,12 +222,17 @@ class TinyGPT(nn.Module):
         else:
             if not prompts or any(len(p) == 0 for p in prompts):
                 raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+            prompts = [[check_int(f"prompts[{i}][{j}]", t, 0, cfg.vocab_size - 1) for j, t in enumerate(p)]
+                       for i, p in enumerate(prompts)]
             T0 = max(len(p) for p in prompts)
             ids = torch.full((len(prompts), T0), cfg.pad_id, dtype=torch.long, device=device)
             mask = torch.zeros_like(ids)
             for i, p in enumerate(prompts):
                 ids[i, T0 - len(p):] = torch.as_tensor(p, device=device)
                 mask[i, T0 - len(p):] = 1
+        greedy = check_bool("greedy", greedy)
+        if not greedy:
+            temperature = check_float("temperature", temperature)
         if not greedy and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if isinstance(max_new_tokens, bool) or not hasattr(max_new_tokens, "__index__") or max_new_tokens < 1:

@@ -23,9 +23,12 @@ from .lora import evaluate_ranks
 from .matryoshka import aurac
 from .methods import get_method
 from .model import GPTConfig, TinyGPT
-from .data import train_batches
-from .tasks import Task, parse_digits
+from .data import MAX_BATCH_SIZE, train_batches
+from .tasks import TASKS, Task, parse_digits
 from .tokenizer import Tokenizer
+from .lora import SCALE_RULES
+from .validate import check_bool, check_choice, check_float, check_int, check_names, check_ranks, check_seed, \
+    check_writable_file
 from .train import TrainConfig, evaluate, sft_loss, train
 
 
@@ -88,6 +91,19 @@ class PretrainConfig:
 
     def __post_init__(self):
         self.digits = parse_digits(self.task, self.digits)
+        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("n_layer", 1), ("n_head", 1),
+                         ("n_embd", 1), ("block_size", 1), ("eval_every", 0)):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), lo,
+                                              MAX_BATCH_SIZE if name == "batch_size" else None))
+        self.lr = check_float("lr", self.lr, positive=True)
+        self.pos_init_std = check_float("pos_init_std", self.pos_init_std, 0.0)
+        if self.grad_clip is not None:
+            self.grad_clip = check_float("grad_clip", self.grad_clip, positive=True)
+        if self.stop_when_solved is not None:
+            self.stop_when_solved = check_bool("stop_when_solved", self.stop_when_solved)
+        self.seed = check_seed("seed", self.seed)
+        check_choice("device", self.device, ("cpu", "cuda"))
         guess = (500 * Task(self.task, self.digits).max_answer_tokens(), 128, False)
         steps, batch, stop = PRETRAIN_RECIPES.get((self.task, self.digits), guess)
         self.steps = steps if self.steps is None else self.steps
@@ -157,6 +173,7 @@ def load_or_pretrain(cfg: PretrainConfig, cache_dir=None) -> tuple[TinyGPT, dict
     if path.exists():
         model, meta = load_model(path, cfg.device)
         return model, {**meta.get("metrics", {}), "cached": True, "path": str(path)}
+    check_writable_file(path, "cached base model")  # before the work, not after
     model, metrics = pretrain(cfg)
     save_model(model, path, metrics=metrics, pretrain=jsonable(asdict(cfg)))
     return model, {**metrics, "cached": False, "path": str(path)}
@@ -186,12 +203,34 @@ class FinetuneConfig:
 
     def __post_init__(self):
         spec = get_method(self.method)
+        check_choice("task", self.task, TASKS)
         self.digits = parse_digits(self.task, self.digits)
-        if self.alpha is None:
-            self.alpha = spec.default_alpha(self.rank)
+        self.rank = check_int("rank", self.rank, 1)
         if self.scale is None:
             self.scale = spec.default_scale
-        spec.make_options(self.options)  # an option the method does not have is an error now
+        check_choice("scale", self.scale, SCALE_RULES)
+        if self.scale == "none" and self.alpha is not None:  # c(r) = 1: an alpha would be recorded, not used
+            raise ValueError(f"alpha={self.alpha!r} does not apply with scale='none' (c(r) = 1); leave alpha None")
+        if self.alpha is None and self.scale != "none":
+            self.alpha = spec.default_alpha(self.rank)
+        if self.alpha is not None:
+            self.alpha = check_float("alpha", self.alpha, positive=True)
+        opts = spec.make_options(self.options)  # an option the method does not have is an error now
+        for name, value in vars(opts).items():  # a set of ranks (train_ranks) must fit the rank
+            if name.endswith("ranks") and value is not None:
+                check_ranks(name, value, 1, self.rank)
+        if self.targets != "all-linear":
+            self.targets = tuple(check_names("targets", self.targets))
+        self.steps = check_int("steps", self.steps, 0)
+        self.batch_size = check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        self.lr = check_float("lr", self.lr, positive=True)
+        self.warmup_steps = check_int("warmup_steps", self.warmup_steps, 0)
+        self.seed = check_seed("seed", self.seed)
+        check_choice("device", self.device, ("cpu", "cuda"))
+        if not isinstance(self.base, PretrainConfig):
+            raise TypeError(f"base must be a PretrainConfig, got {type(self.base).__name__}")
+        if self.eval_ranks is not None:
+            self.eval_ranks = check_ranks("eval_ranks", self.eval_ranks, 1, self.rank)
         if self.eval_ranks and not spec.sub_ranks:
             raise ValueError(f"method {self.method!r} has no sub-ranks to evaluate; drop eval_ranks")
 
@@ -204,6 +243,8 @@ def adapt(model, method: str, rank: int, alpha: float, scale: str, options: dict
     ``finetune`` and the RL recipes, so any adapter trains with any objective."""
     spec = get_method(method)
     opts = spec.make_options(options)
+    if alpha is None and scale == "none":
+        alpha = 1.0  # c(r) = 1 does not read alpha
     add_adapters(model, spec.build(rank, alpha, scale, opts), targets)
     if spec.wrap_loss is None:
         return lambda loss_fn: loss_fn

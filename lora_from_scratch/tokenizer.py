@@ -62,6 +62,8 @@ class Tokenizer:
         <eos> unless ``stop_at_eos`` is False."""
         out = []
         for i in ids:
+            if isinstance(i, bool) or not hasattr(i, "__index__"):
+                raise TypeError(f"token ids must be ints, got {i!r} ({type(i).__name__})")
             i = int(i)
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")

@@ -16,6 +16,13 @@ optional linear warmup and cosine decay, and gradient clipping. With
 ``stop_metric``, it stops early at the first evaluation where that metric
 reaches ``stop_value`` (pretraining uses it to stop once a sample of
 training problems is solved).
+
+Checkpoints (``checkpoint_path``) hold everything a resume needs, and what
+the run is a function of: the settings of the schedule, the seed, and the
+``signature`` of the batch function (task, batch size and data seed for
+``data.train_batches``). A resume that changes any of them is refused, since
+it would match neither run. Parameters that become NaN or infinite are
+never saved: training stops and names the last checkpoint that is good.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .adapters import adapter_configs
 from .checkpoint import atomic_save, jsonable, load_state_strict, safe_load
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
+from .validate import check_bool, check_choice, check_float, check_int
 
 
 @dataclass
@@ -56,10 +64,19 @@ class TrainConfig:
     log_every: int = 10  # refresh the bar's numbers every this many steps
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError(f"need steps >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        self.steps = check_int("steps", self.steps, 0)
+        self.lr = check_float("lr", self.lr, positive=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
+        self.min_lr_ratio = check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.grad_clip is not None:
+            self.grad_clip = check_float("grad_clip", self.grad_clip, positive=True)
+        self.stop_value = check_float("stop_value", self.stop_value)
+        self.seed = check_int("seed", self.seed, -2**63, 2**64 - 1)
+        for name in ("log_every", "eval_every", "checkpoint_every", "warmup_steps"):
+            setattr(self, name, check_int(name, getattr(self, name)))
+        for name in ("resume", "progress"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        check_choice("schedule", self.schedule, ("cosine", "constant"))
         if self.log_every < 1 or self.eval_every < 0 or self.checkpoint_every < 0 or self.warmup_steps < 0:
             raise ValueError(f"need log_every >= 1 and eval_every, checkpoint_every, warmup_steps >= 0, got "
                              f"{self.log_every}, {self.eval_every}, {self.checkpoint_every}, {self.warmup_steps}")
@@ -120,11 +137,15 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
     ``eval_every`` steps and once at the end; its numbers join the bar.
     """
     cfg = config or TrainConfig()
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     if cfg.stop_metric is not None and eval_fn is None:
         raise ValueError(f"stop_metric={cfg.stop_metric!r} needs an eval_fn that reports it")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
+    data_signature = jsonable(getattr(batches, "signature", None) or {}) or None  # what the batches depend on
+    last_good = None  # (path, step) of the last checkpoint known to hold finite weights
     start, done = 0, False
     # Stage 1: a fresh start, or exactly where a checkpoint left off
     if cfg.resume and cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path):
@@ -133,11 +154,15 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
             if key not in ckpt:
                 raise ValueError(f"{cfg.checkpoint_path} is not a training checkpoint: no {key!r}")
         saved = ckpt.get("train_config", {})
+        now = {**jsonable(asdict(cfg)), "data": data_signature}
+        if "data" in ckpt:
+            saved = {**saved, "data": ckpt["data"]}
         changed = [k for k in ("steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-                               "grad_clip", "stop_metric", "stop_value") if k in saved and saved[k] != getattr(cfg, k)]
+                               "grad_clip", "stop_metric", "stop_value", "seed", "betas", "data")
+                   if k in saved and saved[k] != now[k]]
         if changed:  # the run is a function of these: resuming would silently change it
             raise ValueError(f"{cfg.checkpoint_path} was written with other settings: "
-                             + ", ".join(f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in changed))
+                             + ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in changed))
         if "adapters" in ckpt and ckpt["adapters"] != adapter_configs(model):
             raise ValueError(f"{cfg.checkpoint_path} was written for other adapters: {ckpt['adapters']}, "
                              f"this model has {adapter_configs(model)}")
@@ -147,6 +172,7 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         if "cuda_rng" in ckpt and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = int(ckpt["step"])
+        last_good = (cfg.checkpoint_path, start)
         done = bool(ckpt.get("stopped_early"))  # that run had reached its stop_value: nothing left to do
     else:
         torch.manual_seed(cfg.seed)
@@ -165,8 +191,8 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
         loss, metrics = loss_fn(model, batch)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            where = f"; the last good checkpoint is {cfg.checkpoint_path}" if cfg.checkpoint_path else ""
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; training stopped{where}")
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; training stopped"
+                                     + _last_good(cfg, last_good))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -192,19 +218,37 @@ def train(model: torch.nn.Module, loss_fn, batches, config: TrainConfig | None =
                 result.stopped_early = scores[cfg.stop_metric] >= cfg.stop_value
                 last = result.stopped_early  # the goal is reached: this step is the last
         if cfg.checkpoint_path and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+            _check_finite_parameters(model, step, cfg, last_good)  # never save a broken model
             state = {"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "rng": torch.get_rng_state(), "train_config": jsonable(asdict(cfg)),
-                     "adapters": adapter_configs(model), "stopped_early": result.stopped_early}
+                     "adapters": adapter_configs(model), "stopped_early": result.stopped_early,
+                     "data": data_signature}
             if torch.cuda.is_available():  # sampling on a GPU draws from its own generator
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             atomic_save(state, cfg.checkpoint_path)
+            last_good = (cfg.checkpoint_path, step + 1)
         if result.stopped_early:
             break
     bar.close()
+    if result.steps > start:  # the caller gets (and may save) this model: it must be finite
+        _check_finite_parameters(model, result.steps - 1, cfg, last_good)
     if eval_fn is not None and not result.evals:  # e.g. resumed at the very end
         result.final = run_eval(model, eval_fn)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _last_good(cfg: TrainConfig, last_good) -> str:
+    if last_good is not None:
+        return f"; the last good checkpoint is {last_good[0]} (step {last_good[1]})"
+    return "; no checkpoint of this run was saved" if cfg.checkpoint_path else ""
+
+
+def _check_finite_parameters(model, step: int, cfg: TrainConfig, last_good) -> None:
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            raise FloatingPointError(f"parameter {name} became non-finite (nan or inf) at step {step}; training "
+                                     "stopped without saving it" + _last_good(cfg, last_good))
 
 
 def run_eval(model, eval_fn) -> dict:
