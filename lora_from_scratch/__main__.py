@@ -6,9 +6,10 @@
     finetune  add adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) to a base and train them
     demo      pretrain a base on addition, then teach it subtraction with LoRA
 
-Every command takes --seed, --device and --metrics-out FILE: its final
-metrics as JSON (pretrain, eval, finetune and demo report at least
-test_exact_match and seconds).
+Every command takes --seed, --device, --threads N (CPU threads torch may
+use; 1 by default, which is also what to keep on a machine shared with
+other work) and --metrics-out FILE: its final metrics as JSON (pretrain,
+eval, finetune and demo report at least test_exact_match and seconds).
 """
 
 from __future__ import annotations
@@ -30,8 +31,28 @@ from .tasks import DEFAULT_DIGITS, TASKS, Task
 from .train import evaluate, predict
 
 
+# benchmarks/threads.py, on a shared 2-core machine: 2 threads (torch's own default there) ran
+# 10 to 16 times slower than 1; 4 threads ran faster than 1 there, most likely by taking a larger
+# share of the cores from the other users. One thread is the fair, never-catastrophic choice.
+DEFAULT_THREADS = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"CPU threads for torch (default {DEFAULT_THREADS}; keep 1 on a machine shared with "
+                        "other work, where extra threads wait on each other; results repeat exactly only "
+                        "for the same thread count)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run; auto picks cuda when available (default auto)")
     p.add_argument("--metrics-out", metavar="FILE", help="write the final metrics to FILE as JSON")
@@ -297,6 +318,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         import torch
+        torch.set_num_threads(a.threads)  # before any work: the thread count changes speed and last digits
         torch.manual_seed(a.seed)
         metrics = a.fn(a)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:

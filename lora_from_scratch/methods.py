@@ -22,8 +22,11 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
+from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
+from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
+from .remix import ReMixLinear, ReMixOptions, per_layer_routing, rloo_loss
 from .train import evaluate
 
 
@@ -69,6 +72,24 @@ def _matryoshka(rank, alpha, scale, opts):
     return lambda lin: MatryoshkaLoRALinear(lin, rank, alpha, train_ranks=opts.train_ranks, scale=scale)
 
 
+def _gralora(rank, alpha, scale, opts):
+    return lambda lin: GraLoRALinear(lin, rank, alpha, k=opts.k, hybrid_r=opts.hybrid_r, scale=scale)
+
+
+def _mixture(layer):
+    def build(rank, alpha, scale, opts):
+        if scale != "lora":  # the mixtures' scale is omega, set by --omega
+            raise ValueError(f"--scale does not apply to the LoRA mixtures (got {scale!r}); "
+                             "their weight is set by --omega lora|rslora")
+        return lambda lin: layer(lin, opts.experts, opts.active, rank, omega=opts.omega, alpha=alpha)
+    return build
+
+
+def _routing(model, task, opts) -> dict:
+    # each mixture layer's ESS and largest weight, from the last training step
+    return {"routing_by_layer": per_layer_routing(model)}
+
+
 def _p_forward(model, task, opts) -> dict:
     # the training forward B diag(P) A, to compare with the sub-ranks (a fresh layer is at rank None)
     return {"p_forward_exact_match": evaluate(model, task)}
@@ -85,6 +106,16 @@ METHODS: dict[str, AdapterMethod] = {m.name: m for m in (
                   "(default scale as its reference code: rslora, alpha 1, i.e. c(s) = 1/sqrt(s))",
                   _matryoshka, options=MatryoshkaOptions, sub_ranks=True, extra_metrics=_p_forward,
                   default_scale="rslora", default_alpha=lambda rank: 1.0),
+    AdapterMethod("gralora", "GraLoRA: a k x k grid of blocks, each with its own rank-R/k LoRA "
+                  "(+ a rank hybrid_r LoRA)", _gralora, options=GraLoRAOptions),
+    AdapterMethod("remix", "ReMix: k of n LoRAs per token at a constant weight, router trained by RLOO",
+                  _mixture(ReMixLinear), options=ReMixOptions,
+                  wrap_loss=lambda loss_fn, opts: rloo_loss(loss_fn, opts.selections),
+                  extra_metrics=_routing, default_alpha=lambda rank: 2.0),
+    AdapterMethod("mixlora", "MixLoRA-style learned router: top-k of n LoRAs weighted by the router, "
+                  "plus a load-balance loss", _mixture(MixLoRALinear), options=MixLoRAOptions,
+                  wrap_loss=lambda loss_fn, opts: with_balance_loss(loss_fn, opts.balance),
+                  extra_metrics=_routing, default_alpha=lambda rank: 2.0),
 )}
 
 

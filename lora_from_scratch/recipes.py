@@ -163,6 +163,7 @@ def load_or_pretrain(cfg: PretrainConfig, cache_dir=None) -> tuple[TinyGPT, dict
 
 
 # ----- fine-tuning ----------------------------------------------------------
+LOG_EVERY = 10  # steps between the entries of a fine-tuning run's train_log
 @dataclass
 class FinetuneConfig:
     method: str = "lora"  # a name in methods.METHODS: "lora", "dylora", "matryoshka", ...
@@ -242,7 +243,10 @@ def finetune(cfg: FinetuneConfig, base_model: TinyGPT | None = None, cache_dir=N
                        aurac=aurac(list(by_rank), [100 * a for a in by_rank.values()]))
     else:
         metrics["test_exact_match"] = evaluate(model, task)
+    # the loss and the loss_fn's metrics (e.g. a router's ESS) every LOG_EVERY steps and at the last
+    train_log = [{"step": i + 1, "loss": loss, **m} for i, (loss, m) in enumerate(zip(res.losses, res.metrics))
+                 if (i + 1) % LOG_EVERY == 0 or i + 1 == len(res.losses)]
     metrics.update(trainable_parameters=trainable_parameters(model), steps=res.steps,
-                   final_loss=res.losses[-1] if res.losses else None, **extra,
+                   final_loss=res.losses[-1] if res.losses else None, train_log=train_log, **extra,
                    train_seconds=train_seconds, seconds=time.perf_counter() - t_start)
     return model, metrics

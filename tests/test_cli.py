@@ -19,7 +19,7 @@ def test_help_of_every_command(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--seed", "--device", "--metrics-out"):
+    for flag in ("--seed", "--device", "--metrics-out", "--threads"):
         assert flag in out
 
 
@@ -140,3 +140,19 @@ def test_finetune_config_refuses_unknown_options():
         FinetuneConfig(method="lora", options={"unfrozen": True})
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         FinetuneConfig(method="nope")
+
+
+def test_threads_flag_sets_torch_threads_and_refuses_bad_counts(tmp_path, capsys):
+    import torch
+    try:
+        assert main(["data", "--out", str(tmp_path), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["data", "--out", str(tmp_path)]) == 0  # the default
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["data", "--out", str(tmp_path), "--threads", bad])
+        assert e.value.code == 2
+        assert "--threads: expected a positive integer" in capsys.readouterr().err

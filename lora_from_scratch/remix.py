@@ -1,0 +1,291 @@
+"""ReMix: reinforcement routing for a mixture of LoRAs (Qiu et al. 2026, arXiv 2603.10160).
+
+Each adapted layer holds a pool of ``n`` LoRAs of rank ``r`` and a router
+``P`` (an ``nn.Linear(in, n)`` without bias). Per token, the router gives
+``q = softmax(P x)`` over the pool, exactly ``k`` LoRAs are active, and each
+active one gets the same CONSTANT weight omega:
+
+    y = W x + b + omega * sum_{i in I} B_i A_i x        A_i: (r, in), B_i: (out, r)
+    omega = alpha / (k r)  ("lora")   or   alpha / sqrt(k r)  ("rslora"),  alpha = 2
+
+i.e. the active LoRAs form a rank-(k r) LoRA with the usual scale rule. A
+learned-router mixture (MixLoRA, ``mixlora.py``) weights the k by the
+renormalised router probabilities instead; those weights tend to pile onto
+one LoRA (routing collapse), while ReMix's weights, uniform over the k, have
+an effective support size of exactly k (``effective_support_size``).
+
+Training draws the selection I = (i_1, ..., i_k) from q without replacement,
+in order, with probability
+
+    Q(I) = prod_j q_{i_j} / (1 - sum_{j' < j} q_{i_j'})
+
+(sampled with the Gumbel-top-k trick). Q does not enter the output, so the
+router gets no gradient from the loss. ``rloo_loss(loss_fn, M)`` supplies it:
+it draws M >= 2 selections (a selection is the draw in every layer and
+token; log Q sums over all of them), computes the loss L_m of each and
+returns the surrogate
+
+    (1/M) sum_m L_m  +  1/(M-1) sum_m stopgrad(L_m - mean L) * log Q_m
+
+whose gradient is an unbiased estimate of grad E_I[L(I)]: the first term
+trains the LoRAs, the second is REINFORCE with the leave-one-out baseline
+(RLOO; the loss is a negative reward). Inference (``eval()``, so also
+``generate``) uses the deterministic top-k of q.
+
+Our reading where the paper leaves details open: routing is per token; B
+starts at 0 (the adapted model is the base model, and on the first step all
+M losses are equal, so the router gradient is exactly 0); the router reads
+a detached x; the router starts at nn.Linear's default init; router draws on
+padding tokens count in log Q (they cannot change the loss, so they add
+variance but no bias, and excluding them would need every objective's mask).
+
+Shapes: N tokens, n LoRAs, k active, r rank. The pool is stored as
+``lora_A`` (n, r, in) and ``lora_B`` (n, out, r). The forward computes all
+n experts' ``A_i x`` in one matmul and gates them per token with a dense
+(N, n) weight matrix that is omega on the selected LoRAs and 0 elsewhere:
+a rank-(n r) LoRA with a per-token diagonal gate. That is simple and fast
+for small n r; a large model would group tokens by expert instead. With
+k = n every LoRA is always active and the layer is a fixed rank-(n r) LoRA
+(the only case with a ``delta_weight``, so the only one that can merge).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapters import AdapterLayer, adapter_layers, option
+from .lora import check_rank, lora_linear, lora_scale
+
+OMEGA_RULES = ("lora", "rslora")
+
+
+def effective_support_size(weights: torch.Tensor) -> torch.Tensor:
+    """ESS(pi) = 1 / sum_i pi_i^2 of non-negative weights (..., n), each row
+    normalised to sum to 1 first: 1 for a one-hot row, n for a uniform one."""
+    if (weights < 0).any():
+        raise ValueError("effective_support_size needs non-negative weights")
+    pi = weights / weights.sum(-1, keepdim=True)
+    return 1.0 / (pi * pi).sum(-1)
+
+
+def softmax(logits: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """(log-)softmax over the last dimension, computed over dim 0 of a
+    transposed view: the same numbers, but torch's CPU kernels are several
+    times slower over a short last dimension (n = 8) than over a strided one."""
+    t = logits.transpose(0, -1)
+    return (t.log_softmax(0) if log else t.softmax(0)).transpose(0, -1)
+
+
+def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Draw k indices (..., k) without replacement from softmax(logits), in
+    draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick)."""
+    u = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # Uniform(0, 1)
+    gumbel = u.log_().neg_().log_().neg_()  # -log(-log u) ~ Gumbel(0, 1)
+    return (logits + gumbel).topk(k, dim=-1).indices
+
+
+def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log Q of the ordered selections ``idx`` (..., k) under softmax(logits) (..., n):
+    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. Computed in float64,
+    so that 1 - sum stays accurate even when one LoRA holds almost all of q."""
+    log_q = softmax(logits.double(), log=True).gather(-1, idx)  # (..., k): log q_{i_j}
+    q = log_q.exp()
+    used = q.cumsum(-1) - q  # (..., k): mass drawn before slot j
+    return (log_q - torch.log1p(-used)).sum(-1).to(logits.dtype)  # (...)
+
+
+def check_mixture(n, k, omega) -> None:
+    for name, v in (("n (experts)", n), ("k (active)", k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if k > n:
+        raise ValueError(f"k (active) must be at most n (experts) = {n}, got k={k}")
+    if omega not in OMEGA_RULES:
+        raise ValueError(f"omega must be one of {OMEGA_RULES}, got {omega!r}")
+
+
+class MixtureOfLoRAs(AdapterLayer):
+    """The pool both routers share: n LoRAs (A_i, B_i) of rank r, a router,
+    and the gated forward ``y + omega * sum_i g_i B_i A_i x``. Subclasses
+    say how a token's gate g (..., n) is chosen (``gates``)."""
+
+    def __init__(self, base: nn.Linear, n: int, k: int, r: int, omega: str = "lora", alpha: float = 2.0):
+        # check everything before super().__init__ freezes the base layer
+        check_mixture(n, k, omega)
+        check_rank(r, base)
+        super().__init__(base)
+        self.n, self.k, self.r = n, k, r
+        self.alpha = float(alpha)
+        self.omega_rule = omega
+        self.omega = lora_scale(k * r, alpha, omega)  # the constant weight of an active LoRA
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(n, r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n, base.out_features, r, device=w.device, dtype=w.dtype))
+        for A in self.lora_A:  # each LoRA starts like LoRALinear's A: |A| <= 1/sqrt(in)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.router = nn.Linear(base.in_features, n, bias=False, device=w.device, dtype=w.dtype)
+        self.record = None  # a list while a loss wrapper records (log Q or balance terms), else None
+        self.last_routing = None  # (logits, gates) of the last training forward, detached, for statistics
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, k={self.k}, r={self.r}, omega={self.omega:.4g} ({self.omega_rule}, alpha={self.alpha})"
+
+    def adapter_config(self) -> dict:
+        return {**super().adapter_config(), "n": self.n, "k": self.k, "r": self.r, "alpha": self.alpha,
+                "omega": self.omega_rule}
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:  # (..., n)
+        return self.router(x.detach())
+
+    def gates(self, logits: torch.Tensor) -> torch.Tensor:  # (..., n)
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        if self.k != self.n:
+            raise ValueError(f"this mixture has no single weight update: each token uses its own {self.k} of "
+                             f"{self.n} LoRAs (only k == n is a fixed LoRA that can merge)")
+        B = self.lora_B.permute(1, 0, 2).flatten(1)  # (out, n r)
+        return self.omega * B @ self.lora_A.flatten(0, 1)  # (out, n r) @ (n r, in)
+
+    def pool(self):
+        """The pool as one rank-(n r) LoRA: A (n r, in), B (out, n r) = [B_1 ... B_n]."""
+        return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).flatten(1)
+
+    def adapter_output(self, x, y):
+        g = self.gates(self.router_logits(x))  # (..., n)
+        A, B = self.pool()
+        h = F.linear(x, A).unflatten(-1, (self.n, self.r))  # (..., n, r): every A_i x in one matmul
+        h = h * (self.omega * g).unsqueeze(-1)  # gated: 0 on the LoRAs a token does not use
+        return y + F.linear(h.flatten(-2), B)  # (..., out)
+
+    def routing_stats(self) -> dict:
+        """Statistics of the last training forward (``routing_stats_of``), as floats; empty before any."""
+        if self.last_routing is None:
+            return {}
+        logits, g = (t.flatten(0, -2) for t in self.last_routing)  # (N, n) each
+        return {key: float(v) for key, v in routing_stats_of(logits, g).items()}
+
+
+def routing_stats_of(logits: torch.Tensor, g: torch.Tensor) -> dict:
+    """Means over the token dimension (-2) of: the ESS of the applied weights
+    g, the ESS of the router's q = softmax(logits), and the largest applied
+    weight (g normalised to sum 1). Inputs (..., N, n), outputs (...)."""
+    pi = g.float() / g.float().sum(-1, keepdim=True)  # (..., N, n)
+    return {"ess": effective_support_size(pi).mean(-1),
+            "router_ess": effective_support_size(softmax(logits.float())).mean(-1),
+            "max_weight": pi.amax(-1).mean(-1)}
+
+
+@dataclass
+class ReMixOptions:
+    """ReMix's own settings (``--rank`` is each LoRA's rank r; ``--alpha`` the numerator of omega, default 2)."""
+    experts: int = option(8, "n: LoRAs in each layer's pool")
+    active: int = option(2, "k: LoRAs active per token")
+    selections: int = option(2, "M >= 2: routing selections drawn per step for the RLOO router gradient")
+    omega: str = option("lora", "weight of each active LoRA: lora = alpha/(k r), rslora = alpha/sqrt(k r)")
+
+    def __post_init__(self):  # bad settings fail when the config is made, before any work
+        check_mixture(self.experts, self.active, self.omega)
+        if isinstance(self.selections, bool) or not isinstance(self.selections, int) or self.selections < 2:
+            raise ValueError(f"selections (M) must be an int >= 2 for the leave-one-out baseline, "
+                             f"got {self.selections!r}")
+
+
+class ReMixLinear(MixtureOfLoRAs):
+    """Constant weights over k LoRAs drawn from the router (training), or
+    its top-k (eval). While a loss wrapper records, each training forward
+    appends the selection's log Q, summed over tokens, to ``self.record``."""
+
+    def gates(self, logits):
+        if self.training:
+            idx = sample_selection(logits.detach(), self.k)  # (..., k), in draw order
+            if self.record is not None:
+                self.record.append(selection_log_prob(logits, idx).sum())
+        else:
+            idx = logits.topk(self.k, dim=-1).indices  # (..., k)
+        g = torch.zeros_like(logits).scatter_(-1, idx, 1.0)  # (..., n): 1 on the active LoRAs
+        if self.training:
+            self.last_routing = (logits.detach(), g)
+        return g
+
+
+    def forward(self, x):
+        if self.merged or self.disabled:
+            return self.base(x)
+        # the same function as adapter_output, through LoRA's hand-written
+        # backward: the per-token gate omega * g, repeated over each LoRA's
+        # r components, is its (N, n r) matrix of constant scales
+        g = self.gates(self.router_logits(x))  # (..., n)
+        s = (self.omega * g).repeat_interleave(self.r, -1).flatten(0, -2)  # (N, n r)
+        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s)
+
+
+def mixture_layers(model: nn.Module, kind=MixtureOfLoRAs) -> list[tuple[str, MixtureOfLoRAs]]:
+    return [(name, m) for name, m in adapter_layers(model) if isinstance(m, kind)]
+
+
+def routing_metrics(layers) -> dict:
+    """Across layers: min and mean of each layer's mean ESS (applied weights
+    and router q) and the largest layer-mean top weight, as floats. The
+    layers' last forwards are stacked (L, N, n) so that all layers cost one
+    computation."""
+    last = [m.last_routing for m in layers if m.last_routing is not None]
+    if not last:
+        return {}
+    logits, g = (torch.stack([t[i].flatten(0, -2) for t in last]) for i in (0, 1))  # (L, N, n) each
+    s = routing_stats_of(logits, g)  # (L,) each
+    return {"ess_min": float(s["ess"].min()), "ess_mean": float(s["ess"].mean()),
+            "router_ess_min": float(s["router_ess"].min()), "router_ess_mean": float(s["router_ess"].mean()),
+            "max_weight": float(s["max_weight"].max())}
+
+
+def per_layer_routing(model: nn.Module) -> dict:
+    """Each mixture layer's routing statistics from its last training forward."""
+    return {name: m.routing_stats() for name, m in mixture_layers(model) if m.last_routing is not None}
+
+
+def rloo_loss(loss_fn, M: int = 2):
+    """Wrap any ``loss_fn(model, batch) -> (loss, metrics)`` for ReMix.
+
+    Calls ``loss_fn`` M times on the same batch, each call with a fresh
+    routing selection in every ReMix layer, and returns the RLOO surrogate
+    (module docstring). Its value is the mean of the M losses; only its
+    gradient carries the router term. Metrics: the spread (max - min) of the
+    M losses, the routing statistics, and the mean of loss_fn's own metrics.
+    """
+    if isinstance(M, bool) or not isinstance(M, int) or M < 2:
+        raise ValueError(f"rloo_loss needs M >= 2 selections (the leave-one-out baseline uses the others), got {M!r}")
+
+    def remix_loss(model, batch):
+        layers = [m for _, m in mixture_layers(model, ReMixLinear)]
+        if not layers:
+            raise ValueError("rloo_loss needs a model with ReMixLinear adapters")
+        # Stage 1: M losses, each with its own selection and log Q
+        losses, log_qs, inner = [], [], []
+        for _ in range(M):
+            for m in layers:
+                m.record = []
+            try:
+                loss, metrics = loss_fn(model, batch)
+                log_q = sum(sum(m.record, loss.new_zeros(())) for m in layers)  # over layers and forwards
+            finally:
+                for m in layers:
+                    m.record = None
+            losses.append(loss)
+            log_qs.append(log_q)
+            inner.append(metrics)
+        losses, log_qs = torch.stack(losses), torch.stack(log_qs)  # (M,), (M,)
+        # Stage 2: leave-one-out advantages. L_m - mean L = (M-1)/M (L_m - mean of the others)
+        adv = (losses - losses.mean()).detach()  # (M,)
+        router_term = (adv * log_qs).sum() / (M - 1)
+        # Stage 3: the value is the mean loss, the gradient adds the router term
+        surrogate = losses.mean() + (router_term - router_term.detach())
+        out = {k: sum(float(d[k]) for d in inner) / M for k in inner[0]}
+        out.update(loss_spread=float(losses.detach().max() - losses.detach().min()), **routing_metrics(layers))
+        return surrogate, out
+    return remix_loss

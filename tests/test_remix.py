@@ -1,0 +1,323 @@
+"""ReMix (constant weights, RLOO router) and the learned-router baseline (MixLoRA)."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_from_scratch.remix as remix
+from lora_from_scratch.lora import LoRALinear
+from lora_from_scratch.mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
+from lora_from_scratch.remix import (ReMixLinear, ReMixOptions, effective_support_size, rloo_loss,
+                                     sample_selection, selection_log_prob)
+
+
+def closed_form_Q(q, sel):
+    """prod_j q_{i_j} / (1 - sum_{j' < j} q_{i_j'}) for one ordered selection."""
+    out, used = 1.0, 0.0
+    for i in sel:
+        out = out * q[i] / (1 - used)
+        used = used + q[i]
+    return out
+
+
+def remix_layer(n, k, r=2, d=5, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    layer = ReMixLinear(nn.Linear(d, d).to(dtype), n, k, r)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would make every selection give the same output
+        layer.router.weight.normal_()
+    return layer
+
+
+# ----- the selection distribution Q -----------------------------------------
+@pytest.mark.parametrize("n,k", [(4, 2), (5, 3), (3, 3)])
+def test_Q_sums_to_one_and_matches_closed_form(n, k):
+    logits = torch.randn(n, dtype=torch.float64)
+    q = logits.softmax(-1)
+    tuples = list(itertools.permutations(range(n), k))
+    log_q = selection_log_prob(logits.expand(len(tuples), n), torch.tensor(tuples))
+    assert torch.allclose(log_q.exp().sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12)
+    for sel, lq in zip(tuples, log_q):
+        assert math.isclose(lq.exp().item(), closed_form_Q(q, sel).item(), rel_tol=1e-10)
+
+
+def test_sampling_frequencies_match_Q():
+    torch.manual_seed(0)
+    n, k, draws = 4, 2, 40_000
+    logits = torch.tensor([1.0, 0.2, -0.5, 0.6])
+    idx = sample_selection(logits.expand(draws, n), k)  # (draws, k)
+    assert all(len(set(row)) == k for row in idx[:100].tolist())  # without replacement
+    counts = torch.bincount(idx[:, 0] * n + idx[:, 1], minlength=n * n).double() / draws
+    q = logits.double().softmax(-1)
+    for a, b in itertools.permutations(range(n), 2):  # sd of each frequency is under 0.0025
+        assert abs(counts[a * n + b].item() - closed_form_Q(q, (a, b)).item()) < 0.01
+
+
+# ----- RLOO is exactly unbiased ----------------------------------------------
+def forced_draws(monkeypatch, draws):
+    """Make the layers' draws return ``draws`` (a list of index tensors), in order."""
+    queue = list(draws)
+    monkeypatch.setattr(remix, "sample_selection", lambda logits, k: queue.pop(0))
+    return queue
+
+
+@pytest.mark.parametrize("n,k,tokens,layers,M", [(4, 2, 1, 1, 2), (3, 2, 1, 1, 3), (3, 1, 2, 1, 2),
+                                                 (3, 1, 1, 2, 2)])
+def test_rloo_gradient_is_exactly_unbiased(monkeypatch, n, k, tokens, layers, M):
+    """E over all M-tuples of selections of the RLOO surrogate's gradient ==
+    the autograd gradient of the exact expected loss sum_J Q(J) L(J), for
+    every parameter (routers and LoRAs), in float64."""
+    d = 5
+    mods = [remix_layer(n, k, d=d, seed=s) for s in range(layers)]
+    model = nn.Sequential(*[m for layer in mods for m in (layer, nn.Tanh())])
+    model.train()
+    torch.manual_seed(10)
+    x, target = torch.randn(tokens, d, dtype=torch.float64), torch.randn(tokens, d, dtype=torch.float64)
+
+    def loss_fn(model, batch):
+        return ((model(batch) - target) ** 2).sum(), {}
+
+    # every joint selection J: one ordered k-tuple per (layer, token)
+    per_site = list(itertools.permutations(range(n), k))
+    joint = list(itertools.product(per_site, repeat=layers * tokens))
+
+    def draws_of(J):  # the index tensor each layer's draw returns, layer by layer
+        return [torch.tensor(J[l * tokens:(l + 1) * tokens]) for l in range(layers)]
+
+    # Oracle: E[L] = sum_J Q(J) L(J), Q from the closed form on the router logits
+    logits = []
+    hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for m in mods]
+    expected, probs = 0.0, []
+    for J in joint:
+        forced_draws(monkeypatch, draws_of(J))
+        logits.clear()
+        L, _ = loss_fn(model, x)
+        Q = 1.0
+        for l, lg in enumerate(logits):
+            for t in range(tokens):
+                Q = Q * closed_form_Q(lg[t].softmax(-1), J[l * tokens + t])
+        probs.append(Q.detach())
+        expected = expected + Q * L
+    for h in hooks:
+        h.remove()
+    assert math.isclose(sum(p.item() for p in probs), 1.0, rel_tol=1e-12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(expected, params)
+
+    # RLOO: the surrogate's gradient for every M-tuple of joint selections, weighted by its probability
+    surrogate = rloo_loss(loss_fn, M)
+    mean = [torch.zeros_like(p) for p in params]
+    for tup in itertools.product(range(len(joint)), repeat=M):
+        forced_draws(monkeypatch, [t for j in tup for t in draws_of(joint[j])])
+        loss, _ = surrogate(model, x)
+        weight = math.prod(probs[j] for j in tup)
+        for acc, g in zip(mean, torch.autograd.grad(loss, params)):
+            acc += weight * g
+    for p, e, g in zip(params, exact, mean):
+        assert torch.allclose(g, e, atol=1e-6, rtol=0), (p.shape, (g - e).abs().max())
+    router_grad = exact[[i for i, p in enumerate(params) if p is mods[0].router.weight][0]]
+    assert router_grad.abs().max() > 1e-3  # the router has something to learn: the test can fail
+
+
+def test_equal_losses_give_the_router_zero_gradient():
+    layer = remix_layer(4, 2)
+    with torch.no_grad():
+        layer.lora_B.zero_()  # every selection gives the base output, so all M losses are equal
+    x = torch.randn(7, 5, dtype=torch.float64)
+    loss, metrics = rloo_loss(lambda m, b: (m(b).square().sum(), {}), 4)(nn.Sequential(layer), x)
+    loss.backward()
+    assert metrics["loss_spread"] == 0.0
+    assert torch.equal(layer.router.weight.grad, torch.zeros_like(layer.router.weight))
+
+
+def test_plain_loss_gives_the_router_no_gradient():
+    layer = remix_layer(4, 2)
+    layer.train()
+    layer(torch.randn(7, 5, dtype=torch.float64)).square().sum().backward()
+    assert layer.router.weight.grad is None and layer.lora_B.grad is not None
+
+
+def test_rloo_value_is_the_mean_loss_and_metrics(monkeypatch):
+    layer = remix_layer(4, 2)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    sels = [torch.tensor([[0, 1]] * 3), torch.tensor([[2, 3]] * 3), torch.tensor([[1, 3]] * 3)]
+    forced_draws(monkeypatch, sels)
+    loss, metrics = rloo_loss(lambda m, b: (m(b).sum(), {"extra": 1.0}), 3)(nn.Sequential(layer), x)
+    layer.eval()
+    singles = []
+    for s in sels:  # the same selections, without the router term
+        g = torch.zeros(3, 4, dtype=torch.float64).scatter_(-1, s, 1.0)
+        A, B = layer.pool()
+        h = (x @ A.T).unflatten(-1, (4, 2)) * (layer.omega * g).unsqueeze(-1)
+        singles.append((layer.base(x) + h.flatten(-2) @ B.T).sum())
+    assert torch.allclose(loss, torch.stack(singles).mean())
+    assert math.isclose(metrics["loss_spread"], (max(singles) - min(singles)).item(), rel_tol=1e-9)
+    assert metrics["extra"] == 1.0 and metrics["ess_min"] == metrics["ess_mean"] == 2.0
+    assert layer.record is None  # recording ends with the call
+
+
+# ----- the layer ---------------------------------------------------------------
+def test_k_equals_n_is_a_fixed_rank_nr_lora():
+    n, r, d = 3, 2, 6
+    mix = remix_layer(n, n, r=r, d=d)
+    lora = LoRALinear(mix.base, n * r, alpha=2.0)  # c = 2 / (n r) = omega
+    with torch.no_grad():
+        lora.lora_A.copy_(mix.lora_A.flatten(0, 1))
+        lora.lora_B.copy_(mix.lora_B.permute(1, 0, 2).flatten(1))
+    x = torch.randn(4, 3, d, dtype=torch.float64)
+    for mode in (True, False):
+        mix.train(mode)
+        assert torch.allclose(mix(x), lora(x), atol=1e-12)
+    assert torch.allclose(mix.delta_weight(), lora.delta_weight(), atol=1e-12)
+    before = mix(x)
+    mix.merge()
+    assert torch.allclose(mix(x), before, atol=1e-12)
+
+
+def test_eval_is_the_deterministic_top_k():
+    layer = remix_layer(6, 2).eval()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    g = torch.zeros(9, 6, dtype=torch.float64).scatter_(-1, layer.router(x).topk(2, -1).indices, 1.0)
+    A, B = layer.pool()
+    h = (x @ A.T).unflatten(-1, (6, 2)) * (layer.omega * g).unsqueeze(-1)
+    expected = layer.base(x) + h.flatten(-2) @ B.T
+    assert torch.equal(layer(x), layer(x))
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    layer.train()  # training draws: some token's output differs from the top-k one
+    torch.manual_seed(0)
+    assert not torch.allclose(layer(x), expected)
+
+
+def test_forward_equals_adapter_output():
+    layer = remix_layer(5, 2).eval()  # the fused forward vs the plain-autograd adapter_output
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    assert torch.allclose(layer(x), layer.adapter_output(x, layer.base(x)), atol=1e-12)
+
+
+def test_zero_B_gives_the_base_output_for_every_selection():
+    torch.manual_seed(0)
+    layer = ReMixLinear(nn.Linear(5, 7), 4, 2, 2).train()
+    x = torch.randn(20, 5)
+    for _ in range(5):
+        assert torch.equal(layer(x), layer.base(x))
+
+
+def test_effective_support_size():
+    assert torch.allclose(effective_support_size(torch.eye(5)), torch.ones(5))
+    assert math.isclose(effective_support_size(torch.ones(6)).item(), 6.0, rel_tol=1e-6)
+    assert math.isclose(effective_support_size(torch.tensor([0.0, 3.0, 3.0])).item(), 2.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="non-negative"):
+        effective_support_size(torch.tensor([1.0, -1.0]))
+
+
+def test_remix_logs_ess_k_and_router_ess():
+    layer = remix_layer(5, 3).train()
+    layer(torch.randn(11, 5, dtype=torch.float64))
+    stats = layer.routing_stats()
+    assert math.isclose(stats["ess"], 3.0, rel_tol=1e-6) and math.isclose(stats["max_weight"], 1 / 3, rel_tol=1e-6)
+    assert 1.0 <= stats["router_ess"] <= 5.0
+
+
+# ----- the learned-router baseline -------------------------------------------
+def test_mixlora_weights_renormalise_over_the_k_and_train_the_router():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(5, 5).double(), 6, 3, 2).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    w = layer.gates(layer.router(x)) / layer.k  # (8, 6)
+    assert torch.allclose(w.sum(-1), torch.ones(8, dtype=torch.float64))
+    assert ((w > 0).sum(-1) == 3).all()
+    top = layer.router(x).softmax(-1).topk(3, -1)
+    assert torch.allclose(w.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True))
+    layer(x).square().sum().backward()  # a plain loss trains this router
+    assert layer.router.weight.grad.abs().max() > 0
+
+
+def test_mixlora_uniform_weights_equal_remix():
+    remix_l = remix_layer(4, 2).eval()
+    mix = MixLoRALinear(remix_l.base, 4, 2, 2).eval()
+    with torch.no_grad():
+        mix.lora_A.copy_(remix_l.lora_A)
+        mix.lora_B.copy_(remix_l.lora_B)
+        for m in (mix, remix_l):  # q uniform: MixLoRA's k weights are 1/k each, times k omega
+            m.router.weight.zero_()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    assert torch.allclose(mix(x), remix_l(x), atol=1e-12)
+    assert not torch.allclose(mix(x), mix.base(x))
+
+
+def test_balance_loss_wrapper():
+    torch.manual_seed(0)
+    layer = MixLoRALinear(nn.Linear(5, 5).double(), 4, 2, 2)
+    model = nn.Sequential(layer).train()
+    x = torch.randn(50, 5, dtype=torch.float64)
+    loss, metrics = with_balance_loss(lambda m, b: (m(b).sum(), {}), coef=0.5)(model, x)
+    q = layer.router(x).softmax(-1)
+    f = torch.bincount(q.topk(2, -1).indices.flatten(), minlength=4).double() / (50 * 2)
+    balance = 4 * (f * q.mean(0)).sum()
+    assert math.isclose(metrics["balance"], balance.item(), rel_tol=1e-9)
+    assert torch.allclose(loss, model(x).sum() + 0.5 * balance)
+    assert layer.record is None
+
+
+# ----- bad input -------------------------------------------------------------------
+def test_errors():
+    lin = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="at most n"):
+        ReMixLinear(lin, 2, 3, 2)
+    with pytest.raises(ValueError, match="k \\(active\\)"):
+        ReMixLinear(lin, 2, 0, 2)
+    with pytest.raises(ValueError, match="omega"):
+        ReMixLinear(lin, 4, 2, 2, omega="none")
+    with pytest.raises(ValueError, match="M >= 2"):
+        rloo_loss(lambda m, b: (m(b), {}), 1)
+    with pytest.raises(ValueError, match="selections"):
+        ReMixOptions(selections=1)
+    with pytest.raises(ValueError, match="at most n"):
+        MixLoRAOptions(experts=2, active=3)
+    assert lin.weight.requires_grad  # a refused layer left its base alone
+    layer = ReMixLinear(lin, 4, 2, 2)
+    with pytest.raises(ValueError, match="k == n"):
+        layer.merge()
+    with pytest.raises(ValueError, match="ReMixLinear"):
+        rloo_loss(lambda m, b: (m(b).sum(), {}), 2)(nn.Linear(2, 2), torch.randn(1, 2))
+
+
+def test_finetune_through_the_method_table(tiny_model):
+    from lora_from_scratch.recipes import FinetuneConfig, PretrainConfig, finetune
+    base = tiny_model()
+    for method, opts in (("remix", {"experts": 4, "active": 2, "selections": 2}),
+                         ("mixlora", {"experts": 4, "active": 2})):
+        cfg = FinetuneConfig(method=method, rank=2, options=opts, task="add", digits=1, steps=3, batch_size=8,
+                             base=PretrainConfig(digits=1), progress=False)
+        model, metrics = finetune(cfg, base_model=base)
+        assert len(metrics["routing_by_layer"]) == 6 and metrics["steps"] == 3
+        assert metrics["train_log"][-1]["step"] == 3 and "ess_min" in metrics["train_log"][-1]
+        layers = [m for m in model.modules() if hasattr(m, "router")]
+        assert metrics["trainable_parameters"] == sum(  # n LoRAs (r (in + out) each) and an (n, in) router
+            m.n * (m.r * (m.in_features + m.out_features) + m.in_features) for m in layers)
+    with pytest.raises(ValueError, match="--omega"):
+        finetune(FinetuneConfig(method="remix", scale="rslora", steps=1, progress=False), base_model=base)
+
+
+def test_cli_flags(tiny_model, tmp_path, capsys):
+    from lora_from_scratch.__main__ import main
+    from lora_from_scratch.checkpoint import save_model
+    ck, out = tmp_path / "base.pt", tmp_path / "m.json"
+    save_model(tiny_model(), ck)
+    common = ["--base", str(ck), "--task", "add", "--digits", "1", "--steps", "2", "--batch-size", "8",
+              "--quiet", "--device", "cpu"]
+    assert main(["finetune", "--method", "remix", "--experts", "4", "--active", "2", "--rank", "2",
+                 "--selections", "3", "--omega", "rslora", *common, "--metrics-out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["options"] == {"experts": 4, "active": 2, "selections": 3, "omega": "rslora"}
+    assert m["train_log"][-1]["ess_min"] == 2.0 and "loss_spread" in m["train_log"][-1]
+    assert main(["finetune", "--method", "remix", "--selections", "1", *common]) == 2
+    assert main(["finetune", "--method", "mixlora", "--selections", "2", *common]) == 2
+    err = capsys.readouterr().err
+    assert "M) must be an int >= 2" in err and "--selections is an option of --method remix" in err
