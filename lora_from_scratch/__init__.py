@@ -8,6 +8,8 @@ from .adapters import (AdapterLayer, adapter_layers, adapters_disabled, add_adap
                        merge_adapters, save_adapters, trainable_parameters, unmerge_adapters)
 from .checkpoint import load_model, save_model
 from .data import encode_batch, load_problems, save_problems, train_batches
+from .grpo import (GRPOConfig, GRPOObjective, Rollouts, group_advantages, grpo_loss, k3_kl, rl_batches,
+                   sample_rollouts, token_logprobs)
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
 from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
@@ -15,6 +17,7 @@ from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryosh
 from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .methods import METHODS, AdapterMethod, get_method
 from .remix import ReMixLinear, ReMixOptions, effective_support_size, rloo_loss
+from .rl import ALGOS, RLConfig, rl_finetune
 from .model import GPTConfig, KVCache, TinyGPT
 from .tasks import TASKS, Problem, Task
 from .tokenizer import Tokenizer

@@ -5,6 +5,7 @@
     eval      greedy exact-match of a checkpoint on a task or a data file
     finetune  add adapters (LoRA, DyLoRA, MatryoshkaLoRA, ...) to a base and train them
     demo      pretrain a base on addition, then teach it subtraction with LoRA
+    rl        improve a partly trained base by RL (GRPO) with adapters
 
 Every command takes --seed, --device, --threads N (CPU threads torch may
 use; 1 by default, which is also what to keep on a machine shared with
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .adapters import save_adapters
@@ -252,6 +253,59 @@ def cmd_demo(a) -> dict:
             "sub_lora_exact_match": fm["test_exact_match"], "seconds": time.perf_counter() - t0}
 
 
+def _algo_option_flags() -> list:
+    """(flag, field, algos, default, help, parse) for every setting an --algo
+    adds to GRPO's (its config class's own fields, made with ``option``)."""
+    from .grpo import GRPOConfig
+    from .rl import ALGOS
+    shared = {f.name for f in fields(GRPOConfig)}
+    out = {}
+    for algo, cls in ALGOS.items():
+        for f in fields(cls.config_class):
+            if f.name not in shared:
+                flag = "--" + f.name.replace("_", "-")
+                entry = out.setdefault(flag, [flag, f.name, [], f.default, f.metadata.get("help", ""),
+                                              f.metadata.get("parse")])
+                entry[2].append(algo)
+    return list(out.values())
+
+
+def _algo_options(a) -> dict:
+    """The --algo's own settings given on the command line; one of another
+    algo is an error rather than ignored."""
+    out = {}
+    for flag, name, algos, *_ in _algo_option_flags():
+        value = getattr(a, "algo_" + name)
+        if value is not None:
+            if a.algo not in algos:
+                raise ValueError(f"{flag} is an option of --algo {' / '.join(algos)}, not of --algo {a.algo}")
+            out[name] = value
+    return out
+
+
+def cmd_rl(a) -> dict:
+    from .rl import RLConfig, rl_finetune
+    device = resolve_device(a.device)
+    base_model = load_model(a.base, device)[0] if a.base else None
+    cfg = RLConfig(algo=a.algo, method=a.method, rank=a.rank, alpha=a.alpha, scale=a.scale,
+                   options=_method_options(a), targets=tuple(a.targets.split(",")) if a.targets != "all-linear"
+                   else "all-linear", task=a.task, digits=a.digits, group_size=a.group_size, prompts=a.prompts,
+                   beta=a.beta, eps_low=a.eps_low, eps_high=a.eps_high, loss_type=a.loss_type,
+                   adv_scale=a.adv_scale, mu=a.mu, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
+                   steps=a.steps, lr=a.lr, eval_every=a.eval_every, base_steps=a.base_steps, seed=a.seed,
+                   base_seed=a.base_seed, device=device, progress=not a.quiet, algo_options=_algo_options(a),
+                   rank_allocation=a.rank_allocation, rank_budget=a.rank_budget, rank_warmup=a.rank_warmup)
+    model, m = rl_finetune(cfg, base_model, cache_dir=a.cache_dir)
+    print(f"{m['algo']} with {m['method']} R={m['rank']} on {m['task']['name']}: test exact-match "
+          f"{m['base_exact_match']:.4f} -> {m['test_exact_match']:.4f} in {m['steps']} steps, {m['seconds']:.1f} s")
+    print(f"last step: reward {m['reward']:.3f}, KL {m['kl'] if m['kl'] is not None else float('nan'):.4f}, "
+          f"clip fraction {m['clip_frac']:.3f}, completion length {m['length']:.2f}")
+    if a.save_adapters:
+        save_adapters(model, a.save_adapters, rl=jsonable(asdict(cfg)), metrics=m, base_checkpoint=a.base)
+        print(f"adapter weights saved to {a.save_adapters}")
+    return m
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_from_scratch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,6 +365,49 @@ def build_parser() -> argparse.ArgumentParser:
                    "or $LORA_FROM_SCRATCH_CACHE)")
     _common(p)
     p.set_defaults(fn=cmd_demo)
+
+    from .rl import ALGOS, RLConfig
+    d = RLConfig()
+    p = sub.add_parser("rl", help="RL (GRPO) with adapters on a base that is sometimes right")
+    p.add_argument("--algo", default=d.algo, choices=list(ALGOS), help=f"RL objective (default {d.algo})")
+    _adapter_args(p)
+    _task_args(p, d.task)
+    g = p.add_argument_group("RL settings")
+    g.add_argument("--group-size", type=int, default=d.group_size, help=f"completions per prompt G (default {d.group_size})")
+    g.add_argument("--prompts", type=int, default=d.prompts, help=f"prompts per batch of rollouts (default {d.prompts})")
+    g.add_argument("--beta", type=float, default=d.beta, help=f"weight of the k3 KL to the adapter-free reference (default {d.beta})")
+    g.add_argument("--eps-low", type=float, default=d.eps_low, help=f"clip the ratio below at 1 - eps_low (default {d.eps_low})")
+    g.add_argument("--eps-high", type=float, default=d.eps_high, help=f"clip the ratio above at 1 + eps_high (default {d.eps_high})")
+    g.add_argument("--loss-type", default=d.loss_type, choices=["grpo", "dapo", "dr_grpo"],
+                   help=f"how per-token losses are averaged (default {d.loss_type})")
+    g.add_argument("--adv-scale", default=d.adv_scale, choices=["group", "none"],
+                   help=f"divide advantages by the group's std, or not (default {d.adv_scale})")
+    g.add_argument("--mu", type=int, default=d.mu, help=f"optimizer steps per batch of rollouts (default {d.mu})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help=f"sampling temperature (default {d.temperature})")
+    g.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's longest answer + 1)")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"greedy test exact-match every N steps (default {d.eval_every}; 0: only at the end)")
+    g = p.add_argument_group("rank allocation (probe a uniform warm-up, reallocate the ranks, train on)")
+    g.add_argument("--rank-allocation", choices=["uniform", "gradient", "random"],
+                   help="how to share the rank budget between layers after the probe (default: no probe)")
+    g.add_argument("--rank-budget", type=int, help="total rank over the adapted layers (default: layers x --rank)")
+    g.add_argument("--rank-warmup", type=int, default=d.rank_warmup,
+                   help=f"probe steps at uniform rank before reallocating (default {d.rank_warmup})")
+    g = p.add_argument_group("options of one --algo")
+    for flag, name, algos, default, text, parse in _algo_option_flags():
+        g.add_argument(flag, dest="algo_" + name, type=parse or type(default), default=None,
+                       metavar=name.upper(),
+                       help=f"[{'/'.join(algos)}] {text}")
+    p.add_argument("--base", help="starting checkpoint (default: the task's partly supervised base, cached)")
+    p.add_argument("--base-steps", type=int, help="supervised steps of the cached starting base (default: per task)")
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the cached starting base (default 0)")
+    p.add_argument("--save-adapters", metavar="FILE", help="write the trained adapter weights to FILE")
+    p.add_argument("--cache-dir", help="where base checkpoints are cached (default data/checkpoints/, "
+                   "or $LORA_FROM_SCRATCH_CACHE)")
+    _common(p)
+    p.set_defaults(fn=cmd_rl)
     return parser
 
 

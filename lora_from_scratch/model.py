@@ -186,7 +186,8 @@ class TinyGPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                 attention_mask=None, use_cache: bool = True, generator: torch.Generator | None = None):
+                 attention_mask=None, use_cache: bool = True, generator: torch.Generator | None = None,
+                 return_logprobs: bool = False):
         """Continue each prompt by up to ``max_new_tokens`` tokens.
 
         ``prompts``: a list of token-id lists of any lengths (left-padded
@@ -195,7 +196,10 @@ class TinyGPT(nn.Module):
         softmax(logits / temperature). A row stops at <eos>; later positions
         hold ``pad_id``. Returns the new tokens, (B, n) with n <= max_new_tokens.
         ``use_cache=False`` recomputes the whole sequence at each step: slower,
-        and the reference the cache is tested against.
+        and the reference the cache is tested against. ``return_logprobs``
+        also returns (B, n) log-probs of the chosen tokens under
+        softmax(logits / temperature), 0 after a row's <eos> (RL keeps them
+        as the old policy's log-probs).
         """
         cfg = self.config
         device = self.wte.weight.device
@@ -231,13 +235,16 @@ class TinyGPT(nn.Module):
         try:
             logits = self(ids, mask, cache)[:, -1]  # prefill: the whole prompt at once
             done = torch.zeros(B, dtype=torch.bool, device=device)
-            out = []
+            out, logps = [], []
             for step in range(max_new_tokens):
                 if greedy:
                     nxt = logits.argmax(-1)
                 else:
                     probs = F.softmax(logits.float() / temperature, dim=-1)
                     nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                if return_logprobs:
+                    lp = F.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
+                    logps.append(lp.masked_fill(done, 0.0))
                 nxt = nxt.masked_fill(done, cfg.pad_id)  # finished rows write pads
                 out.append(nxt)
                 done = done | (nxt == cfg.eos_id)
@@ -251,4 +258,6 @@ class TinyGPT(nn.Module):
                     logits = self(ids, mask)[:, -1]
         finally:
             self.train(was_training)
+        if return_logprobs:
+            return torch.stack(out, 1), torch.stack(logps, 1)
         return torch.stack(out, 1)

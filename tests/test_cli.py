@@ -8,7 +8,7 @@ import pytest
 from lora_from_scratch.__main__ import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["data", "pretrain", "eval", "finetune", "demo"]
+COMMANDS = ["data", "pretrain", "eval", "finetune", "demo", "rl"]
 BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
 SMALL = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--quiet", "--device", "cpu"]
 
@@ -140,6 +140,31 @@ def test_finetune_config_refuses_unknown_options():
         FinetuneConfig(method="lora", options={"unfrozen": True})
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         FinetuneConfig(method="nope")
+
+
+def test_smoke_rl_end_to_end(small_base, tmp_path, capsys):
+    ck, _ = small_base
+    out = tmp_path / "rl.json"
+    rc = main(["rl", "--algo", "grpo", "--method", "lora", "--rank", "4", "--task", "add", "--digits", "1",
+               "--base", str(ck), "--steps", "3", "--prompts", "4", "--group-size", "4", "--beta", "0.04",
+               "--mu", "2", "--eval-every", "0", "--quiet", "--device", "cpu", "--metrics-out", str(out)])
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert m["command"] == "rl" and m["steps"] == 3 and len(m["per_step"]["reward"]) == 3
+    for key in ("reward", "test_exact_match", "base_exact_match", "kl", "clip_frac", "length"):
+        assert m[key] is not None and m[key] >= 0, key
+    assert "test exact-match" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--group-size", "1"], "group_size must be an int >= 2"),
+    (["--beta", "-1"], "beta must be >= 0"),
+    (["--temperature", "0"], "temperature must be > 0"),
+])
+def test_rl_bad_settings_give_a_clear_error(argv, message, small_base, capsys):
+    ck, _ = small_base
+    assert main(["rl", "--base", str(ck), "--task", "add", "--digits", "1", "--quiet", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_threads_flag_sets_torch_threads_and_refuses_bad_counts(tmp_path, capsys):
