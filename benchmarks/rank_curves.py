@@ -301,6 +301,9 @@ def _sd(v):
     return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
+COLORS = ["lora", "dylora", "dylora-nf", "matryoshka", "matryoshka, P kept", "nested-sum"]
+
+
 def plot(results: dict, path: str) -> None:
     try:
         import matplotlib
@@ -317,7 +320,9 @@ def plot(results: dict, path: str) -> None:
             if name.startswith("lora@"):
                 continue
             mean = [100 * statistics.mean(p["by_rank"][r] for p in per_seed) for r in ranks]
-            ax.plot(ranks, mean, marker="o", label=name, linestyle=":" if "diagnostic" in name else "-")
+            kind = name.split(" (")[0].split(",")[0] + (", P kept" if "P kept" in name else "")
+            color = f"C{COLORS.index(kind)}" if kind in COLORS else None  # the same colour in every panel
+            ax.plot(ranks, mean, marker="o", label=name, color=color, linestyle=":" if "diagnostic" in name else "-")
         ref = [n for n in res["rows"] if n.startswith("lora@")]
         if ref:
             rs = [int(n[5:]) for n in ref]
@@ -331,7 +336,11 @@ def plot(results: dict, path: str) -> None:
         ax.set_title(res["label"].split(":")[0] + f" (R={res['settings']['rank']}, {res['settings']['steps']} steps)",
                      fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    labels = {}  # every row of every panel, once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    axes[0][-1].legend(labels.values(), labels.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -61,3 +61,10 @@ def test_update_size_is_adapter_over_base_output(tiny_model):
         m.lora_B.data.zero_()
     assert all(v == 0 for v in rc.update_size(model, task, 2).values())  # B = 0: no update
     assert all(m.rank == 4 for _, m in adapter_layers(model))  # ranks restored
+
+
+def test_matryoshka_defaults_to_the_reference_code_scale():
+    from lora_from_scratch.recipes import FinetuneConfig
+    mat, lora = FinetuneConfig(method="matryoshka", rank=8), FinetuneConfig(method="lora", rank=8)
+    assert (mat.scale, mat.alpha) == ("rslora", 1.0)  # c(s) = 1/sqrt(s), as IST-DASLab/MatryoshkaLoRA
+    assert (lora.scale, lora.alpha) == ("lora", 16.0)
