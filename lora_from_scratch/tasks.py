@@ -223,12 +223,16 @@ def parse_digits(name: str, digits) -> tuple[int, int]:
         except ValueError:
             raise ValueError(f"digits must be like '3' or '2,3', got {digits!r}") from None
         digits = parts
-    if isinstance(digits, int):
-        digits = (digits, digits)
-    digits = tuple(digits)
+    def whole(d):  # ints (numpy ints too), never bools or floats
+        if isinstance(d, bool) or not hasattr(d, "__index__"):
+            raise TypeError(f"digits must be one or two integers, got {digits!r}")
+        return int(d)
+    if not isinstance(digits, (list, tuple)):
+        digits = (whole(digits),) * 2
+    digits = tuple(whole(d) for d in digits)
     if len(digits) == 1:
         digits = digits * 2
-    if len(digits) != 2 or not all(isinstance(d, int) for d in digits):
+    if len(digits) != 2:
         raise ValueError(f"digits must be one or two integers, got {digits!r}")
     if not all(1 <= d <= 6 for d in digits):
         raise ValueError(f"digits must be between 1 and 6, got {digits!r}")

@@ -181,3 +181,14 @@ def test_split_is_shared_across_tasks():
     assert plus and all(add.is_test("+", a, b) for a, b in plus)
     train_pairs = {tuple(int(x) for x in p.prompt[:-1].split("+")) for p in add.sample_train(5000, seed=0)}
     assert not plus & train_pairs
+
+
+@pytest.mark.parametrize("digits", [True, 2.5, (2, True), (2.0, 1)])
+def test_digits_must_be_whole_numbers_not_bools_or_floats(digits):
+    with pytest.raises(TypeError, match="digits must be one or two integers"):
+        parse_digits("mul", digits)
+
+
+def test_numpy_digits_are_accepted():
+    import numpy as np
+    assert parse_digits("mul", (np.int64(2), np.int32(1))) == (2, 1)
