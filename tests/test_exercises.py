@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = REPO / "tutorials" / "solutions"
 EXERCISE = re.compile(r"^```py exercise\n(.*?)^```", re.S | re.M)
 CHECKS = "# --- checks ---\n"
-WITH_EXERCISES = ("00_toy_world", "01_lora", "02_dylora", "03_matryoshka_lora", "07_sgrpo_tspmo", "08_rank_allocation")  # 2-4 exercises each
+WITH_EXERCISES = ("00_toy_world", "01_lora", "02_dylora", "03_matryoshka_lora", "04_gralora", "05_remix", "06_grpo",
+                  "07_sgrpo_tspmo", "08_rank_allocation")  # 2-4 exercises each
 
 
 def exercises(path: Path) -> list[tuple[str, str]]:

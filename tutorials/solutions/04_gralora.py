@@ -1,6 +1,6 @@
 """Solutions to the exercises of tutorials/04_gralora.md.
 
-tests/test_gralora.py runs the tutorial's checks against these functions.
+tests/test_exercises.py runs the tutorial's checks against these functions.
 """
 
 import math
