@@ -333,4 +333,7 @@ class GRPOObjective:
                "length": float(m.sum(1).mean())}
         if ro.ref_logp is not None:
             out["kl"] = float((k3_kl(logp, ro.ref_logp) * m).sum() / n_tok)
+        # the policy-gradient surrogate's value, which (unlike the loss at mu = 1, where the ratio is
+        # exactly 1) depends on the policy: ReMix's RLOO router compares its routings by it (remix.rloo_loss)
+        out["selection_loss"] = float(aggregate(-A * logp, ro.completion_mask, self.cfg.loss_type, self.max_new_tokens))
         return out

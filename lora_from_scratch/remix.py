@@ -257,6 +257,14 @@ def rloo_loss(loss_fn, M: int = 2):
     (module docstring). Its value is the mean of the M losses; only its
     gradient carries the router term. Metrics: the spread (max - min) of the
     M losses, the routing statistics, and the mean of loss_fn's own metrics.
+
+    The router compares the M selections by their losses. An objective whose
+    loss VALUE is the same for every selection can name another score in
+    its metrics, ``"selection_loss"`` (lower is better), and RLOO uses that
+    instead: GRPO with one step per batch of rollouts is such an objective
+    (its ratio is exactly 1, so its loss is -mean(A) whatever the routing),
+    and it reports the policy-gradient surrogate -A logp, which does depend
+    on the routing.
     """
     if isinstance(M, bool) or not isinstance(M, int) or M < 2:
         raise ValueError(f"rloo_loss needs M >= 2 selections (the leave-one-out baseline uses the others), got {M!r}")
@@ -266,7 +274,7 @@ def rloo_loss(loss_fn, M: int = 2):
         if not layers:
             raise ValueError("rloo_loss needs a model with ReMixLinear adapters")
         # Stage 1: M losses, each with its own selection and log Q
-        losses, log_qs, inner = [], [], []
+        losses, scores, log_qs, inner = [], [], [], []
         for _ in range(M):
             for m in layers:
                 m.record = []
@@ -277,11 +285,13 @@ def rloo_loss(loss_fn, M: int = 2):
                 for m in layers:
                     m.record = None
             losses.append(loss)
+            scores.append(float(metrics.get("selection_loss", loss.detach())))  # what the router compares
             log_qs.append(log_q)
             inner.append(metrics)
         losses, log_qs = torch.stack(losses), torch.stack(log_qs)  # (M,), (M,)
         # Stage 2: leave-one-out advantages. L_m - mean L = (M-1)/M (L_m - mean of the others)
-        adv = (losses - losses.mean()).detach()  # (M,)
+        scores = torch.tensor(scores, dtype=log_qs.dtype, device=log_qs.device)  # (M,) the losses, usually
+        adv = scores - scores.mean()  # (M,)
         router_term = (adv * log_qs).sum() / (M - 1)
         # Stage 3: the value is the mean loss, the gradient adds the router term
         surrogate = losses.mean() + (router_term - router_term.detach())

@@ -244,3 +244,28 @@ def test_bad_inputs_to_the_functions_raise():
         RLConfig(algo="ppo")
     with pytest.raises(ValueError, match="rollout_id"):
         GRPOObjective(GRPOConfig(), Task("add", 1))(tiny(), {"problems": []})
+
+
+def test_remix_router_learns_under_grpo_at_one_inner_step():
+    """At mu = 1 GRPO's loss value is -mean(A) whatever the routing (the ratio
+    is exactly 1), so RLOO comparing loss values would give ReMix's router
+    no gradient. The objective reports the policy-gradient surrogate -A logp
+    as ``selection_loss``; it depends on the routing, and the router learns."""
+    model = tiny()
+    wrap = adapt(model, "remix", 2, 4.0, "lora", {"experts": 4, "active": 2, "selections": 2})
+    with torch.no_grad():  # B != 0, or every routing gives the base model
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5)
+    obj = GRPOObjective(GRPOConfig(group_size=4, log_kl=False), FirstCharDigit("add", 1))
+    batch = rl_batches(obj.task, 8, seed=2)(0)
+    torch.manual_seed(0)
+    plain = [obj(model, batch) for _ in range(3)]  # three routings of the same rollouts
+    assert obj.ro.advantages.abs().sum() > 0
+    assert len({round(float(loss.detach()), 6) for loss, _ in plain}) == 1  # the loss value ignores the routing
+    assert len({round(m["selection_loss"], 6) for _, m in plain}) > 1  # the surrogate does not
+    loss, _ = wrap(obj)(model, batch)
+    loss.backward()
+    routers = [p.grad for n, p in model.named_parameters() if "router" in n]
+    assert routers and all(g is not None for g in routers)
+    assert sum(float(g.abs().sum()) for g in routers) > 0
