@@ -76,11 +76,11 @@ def quality(a, done: list, save) -> dict:
     """Fine-tune every (rank, method, seed); ``done`` holds runs of an earlier,
     interrupted call with the same settings (--resume), ``save(runs)`` is
     called after every run."""
-    base_cfg = PretrainConfig(task="add", digits=2, n_embd=a.width, seed=0, progress=False)
+    base_cfg = PretrainConfig(task="add", digits=a.base_digits, n_embd=a.width, seed=0, progress=False)
     base, info = load_or_pretrain(base_cfg)
-    print(f"base: width {a.width}, add 2 digits, exact-match {info.get('test_exact_match')}, {info['path']}",
+    print(f"base: width {a.width}, add {a.base_digits} digits, exact-match {info.get('test_exact_match')}, {info['path']}",
           flush=True)
-    base_info = {"width": a.width, "task": "add", "digits": 2, "test_exact_match": info.get("test_exact_match")}
+    base_info = {"width": a.width, "task": "add", "digits": a.base_digits, "test_exact_match": info.get("test_exact_match")}
     runs = []
     for R in map(int, a.ranks.split(",")):
         for row in ({"name": "lora", "rank": R, "options": {}}, gralora_row(R)):
@@ -219,6 +219,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
     ap.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     ap.add_argument("--width", type=int, default=128, help="width of the base model (default 128)")
+    ap.add_argument("--base-digits", type=int, default=2, choices=[2, 3],
+                    help="digits of the base's addition task, with its pretraining recipe (default 2)")
     ap.add_argument("--task", default="mul", help="fine-tuning task (default mul)")
     ap.add_argument("--digits", default="3,1", help="its operand digits (default 3,1: 3-digit by 1-digit)")
     ap.add_argument("--dims", default="256,1024", help="layer widths for the speed table (default 256,1024)")
@@ -254,7 +256,7 @@ def main(argv=None) -> dict:
     text = [f"torch {torch.__version__}, {torch.get_num_threads()} thread, 2-core shared CPU"]
     if "quality" in res:
         b = res["quality"]["base"]
-        text += ["", f"Quality: {a.task} {a.digits} on a width-{b['width']} base (2 layers, pretrained on 2-digit "
+        text += ["", f"Quality: {a.task} {a.digits} on a width-{b['width']} base (2 layers, pretrained on {b['digits']}-digit "
                  f"addition, {100 * b['test_exact_match']:.1f}% on it), adapters on every linear layer, "
                  f"{a.steps} steps, lr {a.lr}, alpha = 2 R, seeds {a.seeds}; exact-match on 500 test problems.", "",
                  quality_table(res["quality"])]
