@@ -216,7 +216,7 @@ def table(res: dict) -> str:
             out.append(f"| {row} | {rs[0]['budget']} | {' '.join(map(str, rs[0]['ranks'].values()))} | "
                        f"{rs[0]['trainable_parameters']} | {pct(statistics.mean(after))} ({pct(min(after))}-"
                        f"{pct(max(after))}) | {sb:.2f}x -> {sa:.2f}x |")
-    out += ["", f"Bases: " + ", ".join(f"{p['task']['name']} {100 * p['base_meta']['test_exact_match']:.1f}% "
+    out += ["", "Bases: " + ", ".join(f"{p['task']['name']} {100 * p['base_meta']['test_exact_match']:.1f}% "
                                        f"({p['base_meta']['steps']} supervised steps)" for p in res["algos"]),
             f"Machine: {res['machine']}; total {res['seconds'] / 60:.1f} min of wall clock."]
     return "\n".join(out) + "\n"

@@ -33,7 +33,7 @@ from pathlib import Path
 from .adapters import save_adapters
 from .checkpoint import jsonable, load_model, save_model, write_json
 from .adapters import int_list
-from .methods import METHODS, get_method, option_flags
+from .methods import METHODS, option_flags
 from .recipes import FinetuneConfig, PretrainConfig, finetune, load_or_pretrain, \
     default_cache, pretrain, resolve_device
 from .data import MAX_BATCH_SIZE, load_problems, save_problems

@@ -23,11 +23,12 @@ from typing import Callable
 
 from .dylora import DyLoRALinear, DyLoRAOptions, with_rank_sampling
 from .gralora import GraLoRALinear, GraLoRAOptions
-from .lora import LoRALinear
+from .lora import SCALE_RULES, LoRALinear
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
 from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .remix import ReMixLinear, ReMixOptions, per_layer_routing, rloo_loss
 from .train import evaluate
+from .validate import check_choice, check_float, check_int, check_ranks
 
 
 @dataclass
@@ -58,6 +59,25 @@ class AdapterMethod:
             raise ValueError(f"method {self.name!r} has no option(s) {unknown}; "
                              f"its options are {sorted(known) or 'none'}")
         return self.options(**given)
+
+    def resolve(self, rank, alpha, scale, options: dict | None = None):
+        """The settings every method shares, checked and with the method's
+        defaults filled in: (rank, alpha, scale, options dataclass). Both the
+        fine-tuning and the RL recipe configure adapters through here."""
+        rank = check_int("rank", rank, 1)
+        scale = self.default_scale if scale is None else scale
+        check_choice("scale", scale, SCALE_RULES)
+        if scale == "none" and alpha is not None:  # c(r) = 1: an alpha would be recorded, not used
+            raise ValueError(f"alpha={alpha!r} does not apply with scale='none' (c(r) = 1); leave alpha None")
+        if alpha is None and scale != "none":
+            alpha = self.default_alpha(rank)
+        if alpha is not None:
+            alpha = check_float("alpha", alpha, positive=True)
+        opts = self.make_options(options)  # an option the method does not have is an error
+        for name, value in vars(opts).items():  # a set of ranks (train_ranks) must fit the rank
+            if name.endswith("ranks") and value is not None:
+                check_ranks(name, value, 1, rank)
+        return rank, alpha, scale, opts
 
 
 def _lora(rank, alpha, scale, opts):

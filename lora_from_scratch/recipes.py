@@ -26,7 +26,6 @@ from .model import GPTConfig, TinyGPT
 from .data import MAX_BATCH_SIZE, train_batches
 from .tasks import TASKS, Task, parse_digits
 from .tokenizer import Tokenizer
-from .lora import SCALE_RULES
 from .validate import check_bool, check_choice, check_float, check_int, check_names, check_ranks, check_seed, \
     check_writable_file
 from .train import TrainConfig, evaluate, sft_loss, train
@@ -205,20 +204,7 @@ class FinetuneConfig:
         spec = get_method(self.method)
         check_choice("task", self.task, TASKS)
         self.digits = parse_digits(self.task, self.digits)
-        self.rank = check_int("rank", self.rank, 1)
-        if self.scale is None:
-            self.scale = spec.default_scale
-        check_choice("scale", self.scale, SCALE_RULES)
-        if self.scale == "none" and self.alpha is not None:  # c(r) = 1: an alpha would be recorded, not used
-            raise ValueError(f"alpha={self.alpha!r} does not apply with scale='none' (c(r) = 1); leave alpha None")
-        if self.alpha is None and self.scale != "none":
-            self.alpha = spec.default_alpha(self.rank)
-        if self.alpha is not None:
-            self.alpha = check_float("alpha", self.alpha, positive=True)
-        opts = spec.make_options(self.options)  # an option the method does not have is an error now
-        for name, value in vars(opts).items():  # a set of ranks (train_ranks) must fit the rank
-            if name.endswith("ranks") and value is not None:
-                check_ranks(name, value, 1, self.rank)
+        self.rank, self.alpha, self.scale, _ = spec.resolve(self.rank, self.alpha, self.scale, self.options)
         if self.targets != "all-linear":
             self.targets = tuple(check_names("targets", self.targets))
         self.steps = check_int("steps", self.steps, 0)
@@ -273,9 +259,10 @@ def finetune(cfg: FinetuneConfig, base_model: TinyGPT | None = None, cache_dir=N
     t0 = time.perf_counter()
     res = train(model, wrap(sft_loss), train_batches(task, tok, cfg.batch_size, cfg.seed + 10_000), tcfg)
     train_seconds = time.perf_counter() - t0
-    extra = spec.extra_metrics(model, task, spec.make_options(cfg.options)) if spec.extra_metrics else {}
+    opts = spec.make_options(cfg.options)
+    extra = spec.extra_metrics(model, task, opts) if spec.extra_metrics else {}
     metrics = {"method": cfg.method, "task": task.spec(), "rank": cfg.rank, "alpha": cfg.alpha, "scale": cfg.scale,
-               "options": jsonable(asdict(spec.make_options(cfg.options))), "base_exact_match": base_acc}
+               "options": jsonable(asdict(opts)), "base_exact_match": base_acc}
     if spec.sub_ranks:
         ranks = cfg.eval_ranks or tuple(r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r < cfg.rank) + (cfg.rank,)
         by_rank = evaluate_ranks(model, task, ranks)

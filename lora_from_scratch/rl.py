@@ -26,7 +26,7 @@ import torch
 
 from .adapters import adapter_layers, trainable_parameters
 from .checkpoint import jsonable
-from .grpo import GRPOConfig, GRPOObjective, rl_batches
+from .grpo import GRPOObjective, rl_batches
 from .methods import get_method
 from .rank_allocation import VARIANTS, GradNormProbe, probe_and_rebuild, share_spread
 from .recipes import PretrainConfig, adapt, load_or_pretrain
@@ -94,10 +94,8 @@ class RLConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; expected one of {', '.join(ALGOS)}")
         if self.method != "full":
-            spec = get_method(self.method)
-            self.alpha = spec.default_alpha(self.rank) if self.alpha is None else self.alpha
-            self.scale = spec.default_scale if self.scale is None else self.scale
-            spec.make_options(self.options)
+            self.rank, self.alpha, self.scale, _ = get_method(self.method).resolve(self.rank, self.alpha, self.scale,
+                                                                                  self.options)
         self.digits = parse_digits(self.task, self.digits)
         if self.rank_allocation is not None:
             if self.rank_allocation not in VARIANTS:

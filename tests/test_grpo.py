@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -187,7 +185,7 @@ def test_rollouts_are_reused_for_mu_inner_steps_and_repeated_calls():
     obj(model, get(0))  # a second call on the same batch (e.g. a wrapper that calls M times)
     assert obj.ro is first
     assert obj.ro.advantages.abs().sum() > 0
-    res = train(model, obj, get, TrainConfig(steps=2, lr=3e-2, progress=False))
+    train(model, obj, get, TrainConfig(steps=2, lr=3e-2, progress=False))
     assert obj.ro is first  # the second inner step still uses the rollouts of step 0
     # the old log-probs stay those of the sampling policy; the model has moved
     assert not torch.allclose(token_logprobs(model, first), first.old_logp, atol=1e-4)
@@ -269,3 +267,16 @@ def test_remix_router_learns_under_grpo_at_one_inner_step():
     routers = [p.grad for n, p in model.named_parameters() if "router" in n]
     assert routers and all(g is not None for g in routers)
     assert sum(float(g.abs().sum()) for g in routers) > 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank=2.5), "rank"), (dict(scale="bogus"), "scale"), (dict(alpha=float("nan")), "alpha"),
+    (dict(method="dylora", options={"train_ranks": (1, 99)}), "train_ranks"),
+    (dict(method="lora", options={"unfrozen": True}), "no option"),
+])
+def test_rl_config_checks_the_adapter_settings_as_finetune_does(kw, match):
+    from lora_from_scratch.recipes import FinetuneConfig
+    with pytest.raises((ValueError, TypeError), match=match):
+        RLConfig(**kw)
+    with pytest.raises((ValueError, TypeError), match=match):
+        FinetuneConfig(**kw)

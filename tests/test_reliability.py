@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import stat
-import sys
 import threading
 import time
 from pathlib import Path
