@@ -144,7 +144,7 @@ def run(a) -> dict:
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
            "base_exact_match": evaluate(base, task), "rows": {}}
     t0 = time.perf_counter()
-    for seed in a.seeds:
+    for seed in ([] if a.speed_only else a.seeds):
         for name, spec in specs.items():
             r = run_one(base, task, spec, seed, a)
             out["rows"].setdefault(name, []).append(r)
@@ -192,6 +192,21 @@ def summarise(res: dict) -> str:
                  f"alpha {a.get('alpha', 2.0)} (omega = {a.get('alpha', 2.0) / (a['active'] * a['rank']):.3g}); "
                  f"{a['steps']} steps, batch {a['batch_size']}, lr {a['lr']}, seeds {a['seeds']}; "
                  f"{res['seconds']:.0f} s in all")
+    return "\n".join(lines)
+
+
+def speed_table(res: dict) -> str:
+    """The speed ratios alone (a ``--speed-only`` run)."""
+    a = res["settings"]
+    lines = ["| row | width | step time vs LoRA r=kr | ... per selection (M) | eval forward vs LoRA | step ms | eval ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, width in (("speed", "base"), ("speed_wide", a["speed_width"])):
+        for name, sp in res.get(key, {}).items():
+            M = int(name.split("M=")[1]) if "M=" in name else 1
+            lines.append(f"| {name} | {width} | {sp['step_ratio']:.2f}x | {sp['step_ratio'] / M:.2f} | "
+                         f"{sp['eval_ratio']:.2f}x | {sp['step_ms']:.1f} | {sp['eval_ms']:.2f} |")
+    lines += ["", f"Interleaved medians of {a['speed_reps']} rounds, 1 thread, batch {a['batch_size']} problems of "
+              f"{a['task']} {a['digits']}; n={a['experts']}, k={a['active']}, r={a['rank']}; torch {a['torch']}"]
     return "\n".join(lines)
 
 
@@ -271,13 +286,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--speed-reps", type=int, default=15, help="interleaved timing rounds (default 15; 0: no timing)")
     ap.add_argument("--speed-width", type=int, default=256,
                     help="also time the rows on an untrained TinyGPT of this width (default 256; 0: skip)")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/remix_vs_mixlora.json"), help="results JSON")
-    ap.add_argument("--txt", default=str(ROOT / "benchmarks/results/remix_vs_mixlora.txt"), help="markdown tables")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the interleaved speed ratios, no training (results in remix_vs_mixlora_speed.*)")
+    ap.add_argument("--json", help="results JSON (default benchmarks/results/remix_vs_mixlora[_speed].json)")
+    ap.add_argument("--txt", help="markdown tables (default benchmarks/results/remix_vs_mixlora[_speed].txt)")
     ap.add_argument("--plot", default=str(ROOT / "tutorials/figures/remix_ess.png"), help="ESS figure (PNG)")
     ap.add_argument("--from-json", metavar="FILE", help="re-print and re-plot saved results; no training")
     a = ap.parse_args(argv)
+    stem = ROOT / "benchmarks/results" / ("remix_vs_mixlora_speed" if a.speed_only else "remix_vs_mixlora")
+    a.json, a.txt = a.json or f"{stem}.json", a.txt or f"{stem}.txt"
     res = json.loads(Path(a.from_json).read_text()) if a.from_json else run(a)
-    text = summarise(res) + "\n\nESS over training (seed mean; min / mean over layers)\n\n" + ess_over_steps(res) + "\n"
+    if not res["rows"]:  # a speed-only run
+        text = speed_table(res) + "\n"
+        a.plot = None
+    else:
+        text = summarise(res) + "\n\nESS over training (seed mean; min / mean over layers)\n\n" + ess_over_steps(res) + "\n"
     print(text)
     if not a.from_json:
         write_json(a.json, {**res, "table": text})

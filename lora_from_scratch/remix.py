@@ -83,10 +83,11 @@ def softmax(logits: torch.Tensor, log: bool = False) -> torch.Tensor:
 
 def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Draw k indices (..., k) without replacement from softmax(logits), in
-    draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick)."""
-    u = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # Uniform(0, 1)
-    gumbel = u.log_().neg_().log_().neg_()  # -log(-log u) ~ Gumbel(0, 1)
-    return (logits + gumbel).topk(k, dim=-1).indices
+    draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick),
+    with the noise -log(-log u), u ~ Uniform(0, 1). (On CPU this is several
+    times faster than -log of an ``exponential_()`` draw.)"""
+    u = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # (..., n), never 0
+    return (logits - u.log_().neg_().log_()).topk(k, dim=-1).indices  # logits + Gumbel(0, 1)
 
 
 def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,8 @@ class MixtureOfLoRAs(AdapterLayer):
         for A in self.lora_A:  # each LoRA starts like LoRALinear's A: |A| <= 1/sqrt(in)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.router = nn.Linear(base.in_features, n, bias=False, device=w.device, dtype=w.dtype)
-        self.record = None  # a list while a loss wrapper records (log Q or balance terms), else None
+        # a list while a loss wrapper records (ReMix: (logits, selection) pairs; MixLoRA: balance terms), else None
+        self.record = None
         self.last_routing = None  # (logits, gates) of the last training forward, detached, for statistics
 
     def extra_repr(self) -> str:
@@ -199,30 +201,43 @@ class ReMixOptions:
 class ReMixLinear(MixtureOfLoRAs):
     """Constant weights over k LoRAs drawn from the router (training), or
     its top-k (eval). While a loss wrapper records, each training forward
-    appends the selection's log Q, summed over tokens, to ``self.record``."""
+    appends its (logits, selection) to ``self.record``; the wrapper turns
+    all of them into one log Q (``record_log_prob``)."""
 
-    def gates(self, logits):
-        if self.training:
-            idx = sample_selection(logits.detach(), self.k)  # (..., k), in draw order
-            if self.record is not None:
-                self.record.append(selection_log_prob(logits, idx).sum())
-        else:
-            idx = logits.topk(self.k, dim=-1).indices  # (..., k)
-        g = torch.zeros_like(logits).scatter_(-1, idx, 1.0)  # (..., n): 1 on the active LoRAs
-        if self.training:
-            self.last_routing = (logits.detach(), g)
-        return g
+    def selection(self, logits):  # (..., k) indices of the active LoRAs
+        if not self.training:
+            return logits.topk(self.k, dim=-1).indices  # deterministic top-k
+        idx = sample_selection(logits.detach(), self.k)  # (..., k), in draw order
+        if self.record is not None:
+            self.record.append((logits, idx))
+        return idx
 
+    def gates(self, logits):  # (..., n): 1 on the active LoRAs, 0 elsewhere
+        return torch.zeros_like(logits).scatter_(-1, self.selection(logits), 1.0)
 
     def forward(self, x):
         if self.merged or self.disabled:
             return self.base(x)
         # the same function as adapter_output, through LoRA's hand-written
         # backward: the per-token gate omega * g, repeated over each LoRA's
-        # r components, is its (N, n r) matrix of constant scales
-        g = self.gates(self.router_logits(x))  # (..., n)
-        s = (self.omega * g).repeat_interleave(self.r, -1).flatten(0, -2)  # (N, n r)
-        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s)
+        # r components, is its (N, n r) matrix of constant scales, written
+        # in one scatter
+        logits = self.router_logits(x).flatten(0, -2)  # (N, n)
+        idx = self.selection(logits)  # (N, k)
+        N, n, r = logits.shape[0], self.n, self.r
+        s = logits.new_zeros(N, n, r).scatter_(1, idx[:, :, None].expand(N, self.k, r), self.omega)
+        if self.training:
+            self.last_routing = (logits.detach(), s[:, :, 0])  # gates omega * g: statistics normalise them
+        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s.view(N, n * r))
+
+
+def record_log_prob(records) -> torch.Tensor:
+    """log Q of everything ReMix layers recorded, as one scalar: the sum over
+    layers, forwards and tokens of log Q(selection), computed in one
+    ``selection_log_prob`` call over the recorded (logits, selection) pairs."""
+    logits = torch.cat([lg.flatten(0, -2) for lg, _ in records])  # (sum N, n)
+    idx = torch.cat([i.flatten(0, -2) for _, i in records])  # (sum N, k)
+    return selection_log_prob(logits, idx).sum()
 
 
 def mixture_layers(model: nn.Module, kind=MixtureOfLoRAs) -> list[tuple[str, MixtureOfLoRAs]]:
@@ -280,7 +295,8 @@ def rloo_loss(loss_fn, M: int = 2):
                 m.record = []
             try:
                 loss, metrics = loss_fn(model, batch)
-                log_q = sum(sum(m.record, loss.new_zeros(())) for m in layers)  # over layers and forwards
+                records = [rec for m in layers for rec in m.record]
+                log_q = record_log_prob(records) if records else loss.new_zeros(())  # over layers and forwards
             finally:
                 for m in layers:
                     m.record = None

@@ -121,9 +121,10 @@ class RLConfig:
         return cls(**{**common, **self.algo_options})
 
 
-def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
+def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None, batches=None):
     """Run ``cfg``; returns (model, metrics). ``base_model`` overrides the
-    cached partly supervised base."""
+    cached partly supervised base; ``batches`` (``step -> batch``, see
+    ``rl_batches``) the stream of training problems."""
     t_start = time.perf_counter()
     task = Task(cfg.task, cfg.digits)
     if base_model is None:
@@ -164,7 +165,8 @@ def rl_finetune(cfg: RLConfig, base_model=None, cache_dir=None):
         return scores
 
     t0, c0 = time.perf_counter(), time.process_time()
-    res = train(model, wrap(objective), rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000), tcfg, eval_fn)
+    batches = batches or rl_batches(task, cfg.prompts, cfg.mu, cfg.seed + 20_000)
+    res = train(model, wrap(objective), batches, tcfg, eval_fn)
     train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     if probe is not None:
         shares = probe.shares()

@@ -45,6 +45,21 @@ def test_Q_sums_to_one_and_matches_closed_form(n, k):
         assert math.isclose(lq.exp().item(), closed_form_Q(q, sel).item(), rel_tol=1e-10)
 
 
+def test_record_log_prob_sums_every_layer_and_token():
+    # records of different shapes (two layers, a (B, T, n) and an (N, n) forward)
+    # give the sum of log Q over all of them, gradient included
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    recs = [(a, remix.sample_selection(a.detach(), 2)), (b, remix.sample_selection(b.detach(), 2))]
+    total = remix.record_log_prob(recs)
+    expect = sum(selection_log_prob(lg, i).sum() for lg, i in recs)
+    assert torch.allclose(total, expect, atol=1e-12)
+    ga = torch.autograd.grad(total, (a, b))
+    gb = torch.autograd.grad(expect, (a, b))
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(ga, gb))
+
+
 def test_sampling_frequencies_match_Q():
     torch.manual_seed(0)
     n, k, draws = 4, 2, 40_000
