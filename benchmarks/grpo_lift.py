@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--rows", default="mul:800,mul:3000,wordprob:300",
-                   help="comma-separated TASK:BASE_STEPS rows (default mul:800,mul:3000,wordprob:300)")
+                   help="comma-separated TASK:BASE_STEPS rows, TASK optionally with operand sizes as in "
+                        "mul/2x1 (default mul:800,mul:3000,wordprob:300)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--task-steps", default="mul=3000,wordprob=600",
                    help="GRPO steps per run, by task (default mul=3000,wordprob=600: about 5 CPU minutes each)")
@@ -84,10 +85,16 @@ def parse_args(argv=None):
         a.task_steps = {t: int(n) for t, n in (x.split("=") for x in a.task_steps.split(","))}
     except ValueError:
         p.error(f"--rows takes TASK:STEPS,... and --task-steps TASK=STEPS,..., got {a.rows!r} and {a.task_steps!r}")
-    missing = sorted({t for t, _ in a.rows} - set(a.task_steps))
+    missing = sorted({split_task(t)[0] for t, _ in a.rows} - set(a.task_steps))
     if missing:
         p.error(f"--task-steps has no budget for {missing}")
     return a
+
+
+def split_task(name: str) -> tuple[str, str | None]:
+    """``"mul"`` -> ("mul", None) (the task's default operand sizes); ``"mul/2x1"`` -> ("mul", "2,1")."""
+    task, _, digits = name.partition("/")
+    return task, digits.replace("x", ",") or None
 
 
 def row_name(task: str, base_steps: int) -> str:
@@ -108,10 +115,11 @@ def fixed_batch(job: tuple) -> dict:
     of the first and last 20 steps."""
     name, base_steps, a = job
     torch.set_num_threads(a.threads)
-    base, _ = load_or_pretrain(rl_base_config(name, progress=False, steps=base_steps))
-    task = Task(name)
+    (tname, digits) = split_task(name)
+    base, _ = load_or_pretrain(rl_base_config(tname, digits, progress=False, steps=base_steps))
+    task = Task(tname, digits)
     problems = task.sample_train(16, seed=7)
-    cfg = RLConfig(task=name, rank=a.rank, lr=a.lr, prompts=16, group_size=a.group_size, beta=a.beta,
+    cfg = RLConfig(task=tname, digits=digits, rank=a.rank, lr=a.lr, prompts=16, group_size=a.group_size, beta=a.beta,
                    steps=a.fixed_steps, eval_every=0, seed=0, progress=False)
     _, m = rl_finetune(cfg, base, batches=lambda step: {"problems": problems, "rollout_id": step})
     r = m["per_step"]["reward"]
@@ -153,9 +161,10 @@ def run_one(job: tuple) -> dict:
     """One GRPO run (a separate process when --jobs > 1)."""
     name, base_steps, seed, a = job
     torch.set_num_threads(a.threads)
-    base, _ = load_or_pretrain(rl_base_config(name, progress=False, steps=base_steps))
-    cfg = RLConfig(task=name, rank=a.rank, lr=a.lr, prompts=a.prompts, group_size=a.group_size, beta=a.beta,
-                   steps=a.task_steps[name], eval_every=a.eval_every, seed=seed, progress=False)
+    (tname, digits) = split_task(name)
+    base, _ = load_or_pretrain(rl_base_config(tname, digits, progress=False, steps=base_steps))
+    cfg = RLConfig(task=tname, digits=digits, rank=a.rank, lr=a.lr, prompts=a.prompts, group_size=a.group_size,
+                   beta=a.beta, steps=a.task_steps[tname], eval_every=a.eval_every, seed=seed, progress=False)
     _, m = rl_finetune(cfg, base)
     train = m["train_seconds"] - m["eval_seconds"]
     run = {"task": name, "base_steps": base_steps, "seed": seed, "before": m["base_exact_match"], "after": m["test_exact_match"],
@@ -175,7 +184,7 @@ def main(argv=None) -> int:
     results = {"settings": {**vars(a), "rows": [list(r) for r in a.rows]}, "torch": torch.__version__, "tasks": {}}
     bases = {}
     for name, steps in a.rows:  # built (or loaded) once, before the runs that share them
-        base_cfg = rl_base_config(name, progress=False, steps=steps)
+        base_cfg = rl_base_config(*split_task(name), progress=False, steps=steps)
         bases[(name, steps)] = (base_cfg, *load_or_pretrain(base_cfg))
     jobs = [(name, steps, seed, a) for name, steps in a.rows for seed in seeds]
     checks = [(name, steps, a) for name, steps in a.rows] if a.fixed_steps else []
@@ -191,13 +200,13 @@ def main(argv=None) -> int:
     for name, steps in a.rows:
         base_cfg, base, info = bases[(name, steps)]
         mine = [r for r in runs if (r["task"], r["base_steps"]) == (name, steps)]
-        task = Task(name)
+        task = Task(*split_task(name))
         tp = throughput(base, task, a.prompts, a.group_size, a.repeats)
         print(f"{row_name(name, steps)} throughput: rollouts {tp['rollouts_per_s']:.0f}/s, "
               f"plain generate {tp['plain_per_s']:.0f}/s, ratio {tp['ratio']:.2f}", flush=True)
         lift = [100 * (r["after"] - r["before"]) for r in mine]
         results["tasks"][row_name(name, steps)] = {
-            "task": name, "steps": a.task_steps[name],
+            "task": name, "steps": a.task_steps[split_task(name)[0]],
             "base": {"steps": base_cfg.steps, "exact_match": info.get("test_exact_match"),
                      "seconds": info.get("seconds"),  # seconds when it was built (also when loaded from the cache)
                      **pass_at(base, task)},
@@ -236,7 +245,7 @@ def write_table(results: dict, path: str) -> None:
                      f"| {r['cpu_seconds']['mean']:.0f} "
                      f"| {share['generate']:.0f}% | {share['reference']:.0f}% | {share['update']:.0f}% "
                      f"| {tp['rollouts_per_s']:.0f} | {tp['plain_per_s']:.0f} | {tp['ratio']:.2f} |")
-    lines += ["", "Exact-match in %, greedy, on the fixed 500-problem test set. Base: greedy exact-match, the mean "
+    lines += ["", "Exact-match in %, greedy, on the task's fixed test set (500 problems; 108 for mul/2x1, whose test split is that small). Base: greedy exact-match, the mean "
               "reward of one sample and pass@8 (at least one of 8 samples right) on the test set, temperature 1. "
               "Fixed batch: GRPO on the same 16 training problems at every step (seed 0), mean reward of the "
               "first and the last 20 steps. Seconds: training only (test-set evaluations excluded); CPU s: CPU "
