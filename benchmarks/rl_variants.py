@@ -115,8 +115,14 @@ def task_setting(text: str | None, task: str, default):
     return int(pairs[task]) if task in pairs else default
 
 
+def split_task(name: str) -> tuple[str, str | None]:
+    """``"mul"`` -> ("mul", None) (the task's default operand sizes); ``"mul/2x1"`` -> ("mul", "2,1")."""
+    task, _, digits = name.partition("/")
+    return task, digits.replace("x", ",") or None
+
+
 def load_base(a, task_name: str):
-    base, meta = load_or_pretrain(rl_base_config(task_name, progress=False,
+    base, meta = load_or_pretrain(rl_base_config(*split_task(task_name), progress=False,
                                                  steps=task_setting(a.base_steps, task_name, None)))
     print(f"[{task_name}] base: {meta['path']}, exact-match {meta.get('test_exact_match')}", flush=True)
     return base, meta
@@ -124,13 +130,14 @@ def load_base(a, task_name: str):
 
 def algo_runs(a, task_name: str) -> dict:
     base, meta = load_base(a, task_name)
-    task = Task(task_name)
+    tname, digits = split_task(task_name)
+    task = Task(tname, digits)
     steps = task_setting(a.task_steps, task_name, a.steps)
-    probe = update_step_probe(base, task, RLConfig(task=task_name, rank=a.rank))
+    probe = update_step_probe(base, task, RLConfig(task=tname, digits=digits, rank=a.rank))
     runs = {algo: [] for algo in a.algos}
     for seed in a.seeds:
         for algo in a.algos:  # interleaved, so the timing ratios see the same machine load
-            cfg = RLConfig(algo=algo, task=task_name, rank=a.rank, steps=steps, lr=a.lr, eval_every=0, seed=seed,
+            cfg = RLConfig(algo=algo, task=tname, digits=digits, rank=a.rank, steps=steps, lr=a.lr, eval_every=0, seed=seed,
                            progress=False, base_steps=task_setting(a.base_steps, task_name, None))
             _, m = rl_finetune(cfg, base)
             gf = [x for x in m["per_step"].get("grad_frac", []) if x is not None]
@@ -141,7 +148,8 @@ def algo_runs(a, task_name: str) -> dict:
             print(f"[{task_name}] {algo} seed {seed}: {m['base_exact_match']:.3f} -> {m['test_exact_match']:.3f} "
                   f"in {m['train_seconds']:.1f} s", flush=True)
     base_meta = {"file": Path(meta["path"]).name, **{k: meta.get(k) for k in ("test_exact_match", "steps")}}
-    return {"task": task.spec(), "steps": steps, "base_meta": base_meta, "probe": probe, "runs": runs}
+    return {"task": task.spec(), "label": task_name, "steps": steps, "base_meta": base_meta, "probe": probe,
+            "runs": runs}
 
 
 def rank_runs(a) -> dict:
@@ -172,11 +180,30 @@ def pct(x):
     return f"{100 * x:.1f}"
 
 
+def label(part: dict) -> str:
+    """A task part's name in the tables: "mul", or "mul/2x1" when it names operand sizes."""
+    return part.get("label", part["task"]["name"])
+
+
+def merge_parts(parts: list) -> list:
+    """Task parts of runs made in parallel; parts of the same task (e.g. its
+    seeds split over two processes) become one, their runs concatenated."""
+    merged = {}
+    for part in parts:
+        key = label(part)
+        if key not in merged:
+            merged[key] = {**part, "runs": {algo: list(rs) for algo, rs in part["runs"].items()}}
+        else:
+            for algo, rs in part["runs"].items():
+                merged[key]["runs"].setdefault(algo, []).extend(rs)
+    return list(merged.values())
+
+
 def table(res: dict) -> str:
     a = res["args"]
     out = [f"S-GRPO / T-SPMO / GRPO with LoRA rank {a['rank']} (all linear layers), lr {a.get('lr', 3e-3):g}, seeds {a['seeds']}, "
-           + ", ".join(f"{p['task']['name']} {p['steps']} steps" for p in res["algos"])
-           + "; exact-match in % on the fixed 500 test problems (mean, min-max over seeds)", "",
+           + ", ".join(f"{label(p)} {p['steps']} steps" for p in res["algos"])
+           + "; exact-match in % on the task's fixed test set (500 problems; 108 for mul/2x1) (mean, min-max over seeds)", "",
            "| task | algo | before | after | change | tokens with gradient (one batch; mean in training) "
            "| saved for backward, one step | training CPU s (median) | CPU time vs grpo |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -188,7 +215,7 @@ def table(res: dict) -> str:
             after = [r["after"] for r in rs]
             gf = [r["grad_frac_mean"] for r in rs if r["grad_frac_mean"] is not None]
             ratio = (statistics.median([r["train_cpu_seconds"] / g for r, g in zip(rs, t_grpo)]) if t_grpo else None)
-            out.append(f"| {part['task']['name']} | {algo} | {pct(before)} | {pct(statistics.mean(after))} "
+            out.append(f"| {label(part)} | {algo} | {pct(before)} | {pct(statistics.mean(after))} "
                        f"({pct(min(after))}-{pct(max(after))}) | {100 * (statistics.mean(after) - before):+.1f} | "
                        f"{pct(probe[algo]['grad_token_share'])}%" + (f"; {pct(statistics.mean(gf))}%" if gf else "")
                        + f" | {probe[algo]['saved_bytes'] / 2**20:.2f} MiB "
@@ -197,7 +224,7 @@ def table(res: dict) -> str:
                        + (f"{ratio:.2f}x |" if ratio else "- |"))
         extra = [k for k in probe if k not in runs]
         for k in extra:
-            out.append(f"| {part['task']['name']} | {k} (one update step only) | | | | {pct(probe[k]['grad_token_share'])}% | "
+            out.append(f"| {label(part)} | {k} (one update step only) | | | | {pct(probe[k]['grad_token_share'])}% | "
                        f"{probe[k]['saved_bytes'] / 2**20:.2f} MiB ({probe[k]['saved_bytes'] / probe['grpo']['saved_bytes']:.2f}x) | | |")
     if res.get("rank"):
         rk = res["rank"]
@@ -216,7 +243,7 @@ def table(res: dict) -> str:
             out.append(f"| {row} | {rs[0]['budget']} | {' '.join(map(str, rs[0]['ranks'].values()))} | "
                        f"{rs[0]['trainable_parameters']} | {pct(statistics.mean(after))} ({pct(min(after))}-"
                        f"{pct(max(after))}) | {sb:.2f}x -> {sa:.2f}x |")
-    out += ["", "Bases: " + ", ".join(f"{p['task']['name']} {100 * p['base_meta']['test_exact_match']:.1f}% "
+    out += ["", "Bases: " + ", ".join(f"{label(p)} {100 * p['base_meta']['test_exact_match']:.1f}% "
                                        f"({p['base_meta']['steps']} supervised steps)" for p in res["algos"]),
             f"Machine: {res['machine']}; total {res['seconds'] / 60:.1f} min of wall clock."]
     return "\n".join(out) + "\n"
@@ -245,11 +272,12 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.combine:
         parts = [json.loads(Path(f).read_text()) for f in a.combine]
-        res = {**parts[0], "algos": [t for r in parts for t in r["algos"]],
+        res = {**parts[0], "algos": merge_parts([t for r in parts for t in r["algos"]]),
                "rank": next((r["rank"] for r in parts if r.get("rank")), None),
                "seconds": max(r["seconds"] for r in parts), "combined_from": [str(f) for f in a.combine]}
         res["args"] = {**parts[0]["args"], **next((r["args"] for r in parts if r.get("rank")), {}),
-                       "tasks": ",".join(t["task"]["name"] for t in res["algos"])}
+                       "tasks": ",".join(label(t) for t in res["algos"]),
+                       "seeds": sorted({r["seed"] for t in res["algos"] for rs in t["runs"].values() for r in rs})}
         write_json(a.json, res)
         with atomic_write(Path(a.json).with_suffix(".txt")) as f:
             f.write(table(res))
