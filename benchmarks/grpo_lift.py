@@ -7,8 +7,8 @@ stopped after a given number of steps, so that it is sometimes right): the
 default base of the ``rl`` command, and for multiplication also a base
 supervised longer (3000 steps), which is right more often. GRPO with a LoRA
 adapter runs a fixed budget of steps per task for each seed, the budget
-chosen to fill about 5 CPU minutes. Reported per task: greedy exact-match on the fixed
-500-problem test set before and after (mean, min and max over seeds),
+chosen to fill about 5 CPU minutes. Reported per row: greedy exact-match on
+the task's fixed test set before and after (mean, min and max over seeds),
 seconds, and the time split of training between generation (stage 1-2:
 sampling, rewards), the reference pass (adapters off) and the rest (fresh
 forward, backward and optimizer step; the test-set evaluations are counted
@@ -102,8 +102,8 @@ def row_name(task: str, base_steps: int) -> str:
 
 
 def pass_at(model, task: Task, k: int = 8) -> dict:
-    """Greedy-free look at the base on the test set: mean reward of one
-    sample and pass@k (at least one of k samples right), temperature 1."""
+    """The base's sampled answers on the test set, temperature 1: the mean
+    reward of one sample and pass@k (at least one of k samples right)."""
     ro = sample_rollouts(model, task.test_set(), task, Tokenizer(), k, generator=torch.Generator().manual_seed(0))
     right = ro.rewards.view(-1, k)
     return {"sampled": float(right.mean()), f"pass@{k}": float((right.max(1).values > 0).float().mean()),
@@ -115,12 +115,12 @@ def fixed_batch(job: tuple) -> dict:
     of the first and last 20 steps."""
     name, base_steps, a = job
     torch.set_num_threads(a.threads)
-    (tname, digits) = split_task(name)
+    tname, digits = split_task(name)
     base, _ = load_or_pretrain(rl_base_config(tname, digits, progress=False, steps=base_steps))
     task = Task(tname, digits)
     problems = task.sample_train(16, seed=7)
-    cfg = RLConfig(task=tname, digits=digits, rank=a.rank, lr=a.lr, prompts=16, group_size=a.group_size, beta=a.beta,
-                   steps=a.fixed_steps, eval_every=0, seed=0, progress=False)
+    cfg = RLConfig(task=tname, digits=digits, rank=a.rank, lr=a.lr, prompts=16, group_size=a.group_size,
+                   beta=a.beta, steps=a.fixed_steps, eval_every=0, seed=0, progress=False)
     _, m = rl_finetune(cfg, base, batches=lambda step: {"problems": problems, "rollout_id": step})
     r = m["per_step"]["reward"]
     return {"first": statistics.fmean(r[:20]), "last": statistics.fmean(r[-20:]), "steps": len(r)}
@@ -161,18 +161,20 @@ def run_one(job: tuple) -> dict:
     """One GRPO run (a separate process when --jobs > 1)."""
     name, base_steps, seed, a = job
     torch.set_num_threads(a.threads)
-    (tname, digits) = split_task(name)
+    tname, digits = split_task(name)
     base, _ = load_or_pretrain(rl_base_config(tname, digits, progress=False, steps=base_steps))
     cfg = RLConfig(task=tname, digits=digits, rank=a.rank, lr=a.lr, prompts=a.prompts, group_size=a.group_size,
                    beta=a.beta, steps=a.task_steps[tname], eval_every=a.eval_every, seed=seed, progress=False)
     _, m = rl_finetune(cfg, base)
     train = m["train_seconds"] - m["eval_seconds"]
-    run = {"task": name, "base_steps": base_steps, "seed": seed, "before": m["base_exact_match"], "after": m["test_exact_match"],
+    run = {"task": name, "base_steps": base_steps, "seed": seed, "before": m["base_exact_match"],
+           "after": m["test_exact_match"],
            "evals": m["evals"], "reward": rounded(m["per_step"]["reward"]), "kl": rounded(m["per_step"]["kl"]),
            "seconds": train, "cpu_seconds": m["train_cpu_seconds"], "generate_seconds": m["generate_seconds"],
            "reference_seconds": m["reference_seconds"],
            "update_seconds": train - m["generate_seconds"] - m["reference_seconds"], "eval_seconds": m["eval_seconds"]}
-    print(f"{row_name(name, base_steps)} seed {seed}: {100 * run['before']:.1f}% -> {100 * run['after']:.1f}% in {train:.0f} s "
+    print(f"{row_name(name, base_steps)} seed {seed}: {100 * run['before']:.1f}% -> {100 * run['after']:.1f}% "
+          f"in {train:.0f} s "
           f"({run['cpu_seconds']:.0f} CPU s); evals {m['evals']}", flush=True)
     return run
 
@@ -245,7 +247,8 @@ def write_table(results: dict, path: str) -> None:
                      f"| {r['cpu_seconds']['mean']:.0f} "
                      f"| {share['generate']:.0f}% | {share['reference']:.0f}% | {share['update']:.0f}% "
                      f"| {tp['rollouts_per_s']:.0f} | {tp['plain_per_s']:.0f} | {tp['ratio']:.2f} |")
-    lines += ["", "Exact-match in %, greedy, on the task's fixed test set (500 problems; 108 for mul/2x1, whose test split is that small). Base: greedy exact-match, the mean "
+    lines += ["", "Exact-match in %, greedy, on the task's fixed test set (500 problems; 108 for mul/2x1, whose "
+              "test split is that small). Base: greedy exact-match, the mean "
               "reward of one sample and pass@8 (at least one of 8 samples right) on the test set, temperature 1. "
               "Fixed batch: GRPO on the same 16 training problems at every step (seed 0), mean reward of the "
               "first and the last 20 steps. Seconds: training only (test-set evaluations excluded); CPU s: CPU "
