@@ -16,7 +16,8 @@ from .lora import LoRALinear, evaluate_ranks, lora_scale, set_adapter_rank
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, matryoshka_P
 from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from .methods import METHODS, AdapterMethod, get_method
-from .remix import ReMixLinear, ReMixOptions, effective_support_size, rloo_loss
+from .mixture import effective_support_size
+from .remix import ReMixLinear, ReMixOptions, rloo_loss
 from .rl import ALGOS, RLConfig, rl_finetune
 from .model import GPTConfig, KVCache, TinyGPT
 from .tasks import TASKS, Problem, Task

@@ -26,7 +26,8 @@ from .gralora import GraLoRALinear, GraLoRAOptions
 from .lora import SCALE_RULES, LoRALinear
 from .matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions
 from .mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
-from .remix import ReMixLinear, ReMixOptions, per_layer_routing, rloo_loss
+from .mixture import per_layer_routing
+from .remix import ReMixLinear, ReMixOptions, rloo_loss
 from .train import evaluate
 from .validate import check_choice, check_float, check_int, check_ranks
 

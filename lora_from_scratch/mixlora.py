@@ -1,6 +1,6 @@
 """The learned-router baseline: a MixLoRA-style mixture of LoRAs (Li et al. 2024, arXiv 2404.15159).
 
-The same pool as ReMix (``remix.py``: n LoRAs of rank r and a router P), but
+The same pool as ReMix (``mixture.py``: n LoRAs of rank r and a router P), but
 the router's probabilities are the weights. (MixLoRA itself puts its experts
 in the feed-forward block and plain LoRAs in attention; here every adapted
 layer gets the same mixture, so that only the routing differs from ReMix.) Per token, with q = softmax(P x)
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import option
-from .remix import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
+from .mixture import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
 
 
 @dataclass

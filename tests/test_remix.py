@@ -11,8 +11,8 @@ import torch.nn as nn
 import lora_from_scratch.remix as remix
 from lora_from_scratch.lora import LoRALinear
 from lora_from_scratch.mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
-from lora_from_scratch.remix import (ReMixLinear, ReMixOptions, effective_support_size, rloo_loss,
-                                     sample_selection, selection_log_prob)
+from lora_from_scratch.mixture import effective_support_size
+from lora_from_scratch.remix import ReMixLinear, ReMixOptions, rloo_loss, sample_selection, selection_log_prob
 
 
 def closed_form_Q(q, sel):
