@@ -55,7 +55,7 @@ from lora_from_scratch.model import GPTConfig, TinyGPT
 from lora_from_scratch.recipes import PretrainConfig, adapt, load_or_pretrain
 from lora_from_scratch.tasks import Task
 from lora_from_scratch.tokenizer import Tokenizer
-from lora_from_scratch.train import TrainConfig, evaluate, sft_loss, train
+from lora_from_scratch.train import TrainConfig, evaluate, make_optimizer, sft_loss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGGED = ("ess_min", "ess_mean", "router_ess_min", "router_ess_mean", "max_weight", "loss_spread")
@@ -107,7 +107,7 @@ def speed(base, task, specs, a) -> dict:
     built = {}
     for name, spec in specs.items():
         model, loss_fn = build(base, spec, 0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = make_optimizer(model, TrainConfig(lr=1e-4))  # the shared loop's AdamW (foreach)
         built[name] = (model, loss_fn, opt)
     step_t = {name: [] for name in specs}
     eval_t = {name: [] for name in specs}

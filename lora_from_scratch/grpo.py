@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from .adapters import adapter_layers, adapters_disabled
 from .tasks import Problem, Task, stable_hash
 from .tokenizer import Tokenizer
+from .validate import check_int
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALES = ("group", "none")
@@ -157,13 +158,16 @@ def sample_rollouts(model, problems: list[Problem], task: Task, tok: Tokenizer |
     return ro
 
 
-def token_logprobs(model, ro: Rollouts) -> torch.Tensor:
+def token_logprobs(model, ro: Rollouts, copies: int = 1) -> torch.Tensor:
     """A fresh forward pass: log pi(token t | tokens < t) for every completion
-    token, (N, T), 0 off the completion. Differentiable."""
+    token, (N, T), 0 off the completion. Differentiable. ``copies = M`` runs
+    M stacked copies of the rollouts in one pass and returns (M N, T),
+    copy-major (for ReMix, whose copies route differently)."""
     P = ro.prompt_len
-    logits = model(ro.input_ids[:, :-1], ro.attention_mask[:, :-1])[:, P - 1:]  # (N, n, V): predicts columns P..
-    logp = F.log_softmax(logits.float() / ro.temperature, -1).gather(-1, ro.input_ids[:, P:, None]).squeeze(-1)
-    logp = logp * ro.completion_mask[:, P:]  # (N, n)
+    ids, mask, done = (t.repeat(copies, 1) for t in (ro.input_ids, ro.attention_mask, ro.completion_mask))
+    logits = model(ids[:, :-1], mask[:, :-1])[:, P - 1:]  # (N, n, V): predicts columns P..
+    logp = F.log_softmax(logits.float() / ro.temperature, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    logp = logp * done[:, P:]  # (N, n)
     return torch.cat([logp.new_zeros(logp.shape[0], P), logp], 1)  # (N, T)
 
 
@@ -316,13 +320,21 @@ class GRPOObjective:
         return grpo_loss(logp, old_logp, ro.ref_logp, ro.advantages, ro.completion_mask, eps_low=c.eps_low,
                          eps_high=c.eps_high, beta=c.beta, loss_type=c.loss_type, max_new_tokens=self.max_new_tokens)
 
-    def __call__(self, model, batch) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model, batch, copies: int | None = None):
+        """Stages 1-4: (loss, metrics). ``copies = M`` (ReMix's ``rloo_loss``
+        asks for it): the policy pass runs over M stacked copies of the
+        rollouts at once, and the result is the (M,) losses and M metrics."""
         ro = self.rollouts(model, batch)
-        logp = token_logprobs(model, ro)  # (N, T), with gradient
+        if copies is not None:
+            copies = check_int("copies", copies, 1)
+            out = [self.loss_and_metrics(logp, ro) for logp in token_logprobs(model, ro, copies).chunk(copies)]
+            return torch.stack([loss for loss, _ in out]), [metrics for _, metrics in out]
+        return self.loss_and_metrics(token_logprobs(model, ro), ro)  # (N, T) log-probs, with gradient
+
+    def loss_and_metrics(self, logp, ro: Rollouts):
         # mu = 1: pi_old is pi itself, so the ratio is exactly 1
         old = ro.old_logp if self.cfg.mu > 1 else logp.detach()
-        loss = self.loss(logp, old, ro)
-        return loss, self.metrics(logp.detach(), old, ro)
+        return self.loss(logp, old, ro), self.metrics(logp.detach(), old, ro)
 
     def metrics(self, logp, old_logp, ro: Rollouts) -> dict:
         m = ro.completion_mask.float()

@@ -131,9 +131,11 @@ def routing_stats_of(logits: torch.Tensor, g: torch.Tensor) -> dict:
     """Means over the token dimension (-2) of: the ESS of the applied weights
     g, the ESS of the router's q = softmax(logits), and the largest applied
     weight (g normalised to sum 1). Inputs (..., N, n), outputs (...)."""
-    pi = g.float() / g.float().sum(-1, keepdim=True)  # (..., N, n)
-    return {"ess": effective_support_size(pi).mean(-1),
-            "router_ess": effective_support_size(softmax(logits.float())).mean(-1),
+    g = g.float()
+    pi = g / g.sum(-1, keepdim=True)  # (..., N, n), rows sum to 1
+    q = softmax(logits.float())  # (..., N, n), rows sum to 1
+    return {"ess": (1.0 / (pi * pi).sum(-1)).mean(-1),  # effective_support_size, rows already normalised
+            "router_ess": (1.0 / (q * q).sum(-1)).mean(-1),
             "max_weight": pi.amax(-1).mean(-1)}
 
 
@@ -141,15 +143,17 @@ def mixture_layers(model: nn.Module, kind=MixtureOfLoRAs) -> list[tuple[str, Mix
     return [(name, m) for name, m in adapter_layers(model) if isinstance(m, kind)]
 
 
-def routing_metrics(layers) -> dict:
+def routing_metrics(layers, copies: int = 1) -> dict:
     """Across layers: min and mean of each layer's mean ESS (applied weights
     and router q) and the largest layer-mean top weight, as floats. The
     layers' last forwards are stacked (L, N, n) so that all layers cost one
-    computation."""
+    computation. ``copies = M``: the last forward ran M stacked copies of a
+    batch (ReMix's ``rloo_loss``), and the statistics read the first copy."""
     last = [m.last_routing for m in layers if m.last_routing is not None]
     if not last:
         return {}
-    logits, g = (torch.stack([t[i].flatten(0, -2) for t in last]) for i in (0, 1))  # (L, N, n) each
+    first = last[0][0].flatten(0, -2).shape[0] // copies  # tokens of one copy
+    logits, g = (torch.stack([t[i].flatten(0, -2)[:first] for t in last]) for i in (0, 1))  # (L, N, n) each
     s = routing_stats_of(logits, g)  # (L,) each
     return {"ess_min": float(s["ess"].min()), "ess_mean": float(s["ess"].mean()),
             "router_ess_min": float(s["router_ess"].min()), "router_ess_mean": float(s["router_ess"].mean()),

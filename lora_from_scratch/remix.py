@@ -52,6 +52,7 @@ k = n every LoRA is always active and the layer is a fixed rank-(n r) LoRA
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +72,17 @@ def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """log Q of the ordered selections ``idx`` (..., k) under softmax(logits) (..., n):
-    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. Computed in float64,
-    so that 1 - sum stays accurate even when one LoRA holds almost all of q."""
-    log_q = softmax(logits.double(), log=True).gather(-1, idx)  # (..., k): log q_{i_j}
-    q = log_q.exp()
-    used = q.cumsum(-1) - q  # (..., k): mass drawn before slot j
-    return (log_q - torch.log1p(-used)).sum(-1).to(logits.dtype)  # (...)
+    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. The mass left before
+    slot j, 1 - sum_{j' < j} q_{i_j'}, is computed as the sum of q over the
+    LoRAs not drawn yet: no cancellation, so it stays accurate (in float32)
+    even when one LoRA holds almost all of q."""
+    log_q = softmax(logits, log=True)  # (..., n)
+    out = log_q.gather(-1, idx).sum(-1)  # (...): sum_j log q_{i_j}
+    q, left = log_q.exp(), torch.ones_like(log_q)  # left: 1 on the LoRAs not drawn yet
+    for j in range(1, idx.shape[-1]):
+        left = left.scatter(-1, idx[..., j - 1:j], 0.0)
+        out = out - (q * left).sum(-1).log()  # - log(mass left before slot j)
+    return out
 
 
 @dataclass
@@ -114,6 +120,8 @@ class ReMixLinear(MixtureOfLoRAs):
     def forward(self, x):
         if self.merged or self.disabled:
             return self.base(x)
+        if not self.training and not torch.is_grad_enabled():
+            return self.inference_forward(x)
         # the same function as adapter_output, through LoRA's hand-written
         # backward: the per-token gate omega * g, repeated over each LoRA's
         # r components, is its (N, n r) matrix of constant scales, written
@@ -126,24 +134,64 @@ class ReMixLinear(MixtureOfLoRAs):
             self.last_routing = (logits.detach(), s[:, :, 0])  # gates omega * g: statistics normalise them
         return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s.view(N, n * r))
 
+    def inference_forward(self, x):
+        """Eval without gradients (``generate``, ``evaluate``): the same output
+        with fewer operations. The router P reads the same x as the A_i, so
+        one matmul with the stacked weight [A_1; ...; A_n; P] (n r + n, in)
+        gives every A_i x and the router logits at once."""
+        A, B = self.pool()  # (n r, in), (out, n r)
+        n, r, k = self.n, self.r, self.k
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = x2 @ torch.cat([A, self.router.weight]).t()  # (N, n r + n)
+        idx = h[:, n * r:].topk(k, dim=-1).indices  # (N, k): the deterministic top-k of the logits
+        N = x2.shape[0]
+        s = h.new_zeros(N, n, r).scatter_(1, idx[:, :, None].expand(N, k, r), self.omega)  # (N, n, r) gates
+        W, bias = self.base.weight, self.base.bias
+        y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
+        y.addmm_(h[:, :n * r] * s.view(N, n * r), B.t())  # += (gated A x) B^T
+        return y.view(*x.shape[:-1], W.shape[0])
 
-def record_log_prob(records) -> torch.Tensor:
-    """log Q of everything ReMix layers recorded, as one scalar: the sum over
-    layers, forwards and tokens of log Q(selection), computed in one
-    ``selection_log_prob`` call over the recorded (logits, selection) pairs."""
-    logits = torch.cat([lg.flatten(0, -2) for lg, _ in records])  # (sum N, n)
-    idx = torch.cat([i.flatten(0, -2) for _, i in records])  # (sum N, k)
-    return selection_log_prob(logits, idx).sum()
+
+def record_log_prob(records, copies: int = 1) -> torch.Tensor:
+    """log Q of everything ReMix layers recorded: the sum over layers,
+    forwards and tokens of log Q(selection), computed in one
+    ``selection_log_prob`` call. With ``copies = M`` every recorded forward
+    ran over M stacked copies of one batch (copy-major along the batch
+    dimension) and the result is each copy's own log Q, shape (M,)."""
+    logits = torch.cat([lg.reshape(copies, -1, lg.shape[-1]) for lg, _ in records], 1)  # (M, sum N, n)
+    idx = torch.cat([i.reshape(copies, -1, i.shape[-1]) for _, i in records], 1)  # (M, sum N, k)
+    log_q = selection_log_prob(logits, idx).sum(-1)  # (M,)
+    return log_q[0] if copies == 1 else log_q
+
+
+def takes_copies(loss_fn) -> bool:
+    """Whether ``loss_fn`` accepts ``copies=M`` (see ``rloo_loss``)."""
+    try:
+        return "copies" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def rloo_loss(loss_fn, M: int = 2):
     """Wrap any ``loss_fn(model, batch) -> (loss, metrics)`` for ReMix.
 
-    Calls ``loss_fn`` M times on the same batch, each call with a fresh
-    routing selection in every ReMix layer, and returns the RLOO surrogate
-    (module docstring). Its value is the mean of the M losses; only its
-    gradient carries the router term. Metrics: the spread (max - min) of the
-    M losses, the routing statistics, and the mean of loss_fn's own metrics.
+    Evaluates the loss under M fresh routing selections of the same batch
+    and returns the RLOO surrogate (module docstring). Its value is the mean
+    of the M losses; only its gradient carries the router term. Metrics: the
+    spread (max - min) of the M losses, the routing statistics, and the mean
+    of loss_fn's own metrics.
+
+    Two ways to get the M losses, with the same math:
+    - the plain way: call ``loss_fn`` M times; each call draws its own
+      selection in every ReMix layer;
+    - stacked, when ``loss_fn`` takes a keyword ``copies`` (``sft_loss`` and
+      ``GRPOObjective`` do): ONE call ``loss_fn(model, batch, copies=M)``
+      runs M copies of the batch stacked along the batch dimension through
+      one forward and backward pass, and returns the (M,) vector of the
+      copies' losses and a list of M metrics dicts. Every token of every
+      copy draws its own selection, so copy m is exactly selection m. The
+      FLOPs are the same; the number of operations is 1/M of the plain way,
+      which is what costs time in a small model.
 
     The router compares the M selections by their losses. An objective whose
     loss VALUE is the same for every selection can name another score in
@@ -155,35 +203,52 @@ def rloo_loss(loss_fn, M: int = 2):
     """
     if isinstance(M, bool) or not isinstance(M, int) or M < 2:
         raise ValueError(f"rloo_loss needs M >= 2 selections (the leave-one-out baseline uses the others), got {M!r}")
+    stacked = takes_copies(loss_fn)
+
+    def recorded(layers, run, copies=1):
+        """Run ``run()`` while the layers record their selections; its result and the log Q."""
+        for m in layers:
+            m.record = []
+        try:
+            out = run()
+            records = [rec for m in layers for rec in m.record]
+        finally:
+            for m in layers:
+                m.record = None
+        if not records:  # a loss that did not run the ReMix layers in training mode
+            return out, torch.zeros(copies) if copies > 1 else torch.zeros(())
+        return out, record_log_prob(records, copies)
+
+    def stacked_losses(model, batch):
+        losses, inner = loss_fn(model, batch, copies=M)
+        if not torch.is_tensor(losses) or losses.shape != (M,) or len(inner) != M:
+            raise ValueError(f"loss_fn(model, batch, copies={M}) must return a ({M},) tensor of losses and a list "
+                             f"of {M} metrics dicts, got {type(losses).__name__} of shape "
+                             f"{tuple(getattr(losses, 'shape', ()))} and {len(inner)} dicts")
+        return losses, inner
 
     def remix_loss(model, batch):
         layers = [m for _, m in mixture_layers(model, ReMixLinear)]
         if not layers:
             raise ValueError("rloo_loss needs a model with ReMixLinear adapters")
         # Stage 1: M losses, each with its own selection and log Q
-        losses, scores, log_qs, inner = [], [], [], []
-        for _ in range(M):
-            for m in layers:
-                m.record = []
-            try:
-                loss, metrics = loss_fn(model, batch)
-                records = [rec for m in layers for rec in m.record]
-                log_q = record_log_prob(records) if records else loss.new_zeros(())  # over layers and forwards
-            finally:
-                for m in layers:
-                    m.record = None
-            losses.append(loss)
-            scores.append(float(metrics.get("selection_loss", loss.detach())))  # what the router compares
-            log_qs.append(log_q)
-            inner.append(metrics)
-        losses, log_qs = torch.stack(losses), torch.stack(log_qs)  # (M,), (M,)
+        if stacked:
+            (losses, inner), log_qs = recorded(layers, lambda: stacked_losses(model, batch), M)  # (M,), (M,)
+        else:
+            runs = [recorded(layers, lambda: loss_fn(model, batch)) for _ in range(M)]
+            losses = torch.stack([loss for (loss, _), _ in runs])  # (M,)
+            inner = [metrics for (_, metrics), _ in runs]
+            log_qs = torch.stack([log_q for _, log_q in runs])  # (M,)
+        log_qs = log_qs.to(losses.device)
         # Stage 2: leave-one-out advantages. L_m - mean L = (M-1)/M (L_m - mean of the others)
-        scores = torch.tensor(scores, dtype=log_qs.dtype, device=log_qs.device)  # (M,) the losses, usually
+        scores = torch.tensor([float(d.get("selection_loss", l)) for d, l in zip(inner, losses.detach())],
+                              dtype=log_qs.dtype, device=log_qs.device)  # (M,) what the router compares
         adv = scores - scores.mean()  # (M,)
         router_term = (adv * log_qs).sum() / (M - 1)
         # Stage 3: the value is the mean loss, the gradient adds the router term
         surrogate = losses.mean() + (router_term - router_term.detach())
         out = {k: sum(float(d[k]) for d in inner) / M for k in inner[0]}
-        out.update(loss_spread=float(losses.detach().max() - losses.detach().min()), **routing_metrics(layers))
+        spread = float(losses.detach().max() - losses.detach().min())
+        out.update(loss_spread=spread, **routing_metrics(layers, M if stacked else 1))
         return surrogate, out
     return remix_loss

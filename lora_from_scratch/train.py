@@ -270,12 +270,25 @@ def _skipping(it, n):
 
 
 # ----- supervised loss ----------------------------------------------------
-def sft_loss(model, batch) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, batch, copies: int | None = None) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy on the answer tokens only (``targets`` is
-    -100 on the prompt and on padding)."""
+    -100 on the prompt and on padding).
+
+    ``copies=M`` (what ReMix's ``rloo_loss`` asks for): the batch is stacked
+    M times along the batch dimension and run through ONE forward pass; the
+    result is then the (M,) vector of each copy's loss and a list of M
+    (empty) metrics dicts. The copies differ only in what the model draws
+    at random inside its forward (ReMix's routing)."""
     ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
-    logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets[:, :-1].flatten(), ignore_index=-100), {}
+    if copies is None:
+        logits = model(ids[:, :-1], mask[:, :-1])  # (B, T-1, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, :-1].flatten(), ignore_index=-100), {}
+    copies = check_int("copies", copies, 1)
+    ids, mask, targets = (t.repeat(copies, 1) for t in (ids, mask, targets))  # (M B, T), copy-major
+    logits = model(ids[:, :-1], mask[:, :-1])  # (M B, T-1, V)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets[:, :-1].flatten(), ignore_index=-100, reduction="none")
+    counted = (targets[:, :-1] != -100).view(copies, -1).sum(1)  # (M,) answer tokens per copy
+    return ce.view(copies, -1).sum(1) / counted, [{} for _ in range(copies)]
 
 
 # ----- greedy evaluation --------------------------------------------------

@@ -45,6 +45,14 @@ def test_Q_sums_to_one_and_matches_closed_form(n, k):
         assert math.isclose(lq.exp().item(), closed_form_Q(q, sel).item(), rel_tol=1e-10)
 
 
+def test_log_Q_stays_accurate_when_one_lora_holds_almost_all_of_q():
+    # q_0 = 1 - 7e-13 in float32 rounds to 1, so "1 - q_0" would be 0 and log Q -inf;
+    # the mass left is summed over the LoRAs not drawn instead, and the second draw is 1 in 7
+    logits = torch.tensor([[30.0, 0, 0, 0, 0, 0, 0, 0]])
+    lq = selection_log_prob(logits, torch.tensor([[0, 3]]))
+    assert lq.dtype == torch.float32 and math.isclose(lq.item(), -math.log(7), rel_tol=1e-5)
+
+
 def test_record_log_prob_sums_every_layer_and_token():
     # records of different shapes (two layers, a (B, T, n) and an (N, n) forward)
     # give the sum of log Q over all of them, gradient included
@@ -138,6 +146,86 @@ def test_rloo_gradient_is_exactly_unbiased(monkeypatch, n, k, tokens, layers, M)
     assert router_grad.abs().max() > 1e-3  # the router has something to learn: the test can fail
 
 
+def _remix_gpt(tiny_model):
+    from lora_from_scratch.recipes import adapt
+    model = tiny_model(n_layer=2).double()
+    adapt(model, "remix", 2, 4.0, "lora", {"experts": 4, "active": 2, "selections": 3})
+    with torch.no_grad():  # B != 0, or every selection gives the base model and the same loss
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.5)
+    return model.train()
+
+
+def _sft_batch():
+    from lora_from_scratch.data import train_batches
+    from lora_from_scratch.tasks import Task
+    from lora_from_scratch.tokenizer import Tokenizer
+    return train_batches(Task("sub", 2), Tokenizer(), 6, 0)(0)
+
+
+def _grpo_objective_and_batch():
+    from lora_from_scratch.grpo import GRPOConfig, GRPOObjective, rl_batches
+    from lora_from_scratch.tasks import Task
+
+    class FirstCharDigit(Task):  # a reward an untrained model sometimes earns
+        def reward(self, prediction, answer):
+            return float(prediction[:1].isdigit())
+
+    obj = GRPOObjective(GRPOConfig(group_size=4, log_kl=False), FirstCharDigit("add", 1))
+    return obj, rl_batches(obj.task, 8, seed=2)(0)
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_stacked_copies_equal_separate_calls_with_the_same_selections(monkeypatch, tiny_model, objective):
+    """rloo_loss with a loss that takes ``copies`` runs the M selections as M
+    stacked copies in one pass. Replaying the very same selections through M
+    separate calls (the plain path) gives the same surrogate value, metrics
+    and gradient of every parameter: stacking changes the speed, not the math."""
+    from lora_from_scratch.train import sft_loss
+    model, M = _remix_gpt(tiny_model), 3
+    if objective == "sft":
+        loss_fn, batch = sft_loss, _sft_batch()
+    else:
+        loss_fn, batch = _grpo_objective_and_batch()
+        torch.manual_seed(0)
+        loss_fn.rollouts(model, batch)  # sampled once, reused by both paths
+    assert remix.takes_copies(loss_fn) and not remix.takes_copies(lambda m, b: loss_fn(m, b))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    drawn, sample = [], remix.sample_selection
+    monkeypatch.setattr(remix, "sample_selection", lambda logits, k: drawn.append(sample(logits, k)) or drawn[-1])
+    torch.manual_seed(1)
+    stacked, m_stacked = rloo_loss(loss_fn, M)(model, batch)
+    g_stacked = torch.autograd.grad(stacked, params)
+    assert len(drawn) == 2 * 6  # one draw per ReMix layer (2 blocks x 6 linears), all copies at once
+
+    # the same selections, copy by copy: copy m is rows m N .. (m+1) N - 1 of every draw
+    forced_draws(monkeypatch, [d.view(M, -1, d.shape[-1])[m] for m in range(M) for d in drawn])
+    plain, m_plain = rloo_loss(lambda m, b: loss_fn(m, b), M)(model, batch)
+    g_plain = torch.autograd.grad(plain, params)
+    assert torch.allclose(stacked, plain, atol=1e-12, rtol=0)
+    assert m_stacked.keys() == m_plain.keys()
+    assert objective == "grpo" or m_stacked["loss_spread"] > 0  # GRPO's loss value ignores the routing at mu = 1
+    routing = ("ess_min", "ess_mean", "router_ess_min", "router_ess_mean", "max_weight")  # of the last forward:
+    same = [key for key in m_plain if key not in routing]  # all M copies when stacked, the last one otherwise
+    assert "loss_spread" in same and all(math.isclose(m_stacked[key], m_plain[key], rel_tol=1e-9) for key in same)
+    routers = [g for p, g in zip(params, g_stacked) if p is model.blocks[0].attn.q_proj.router.weight]
+    assert routers and routers[0].abs().max() > 1e-6  # the router term is in the comparison
+    for p, a, b in zip(params, g_stacked, g_plain):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), (p.shape, (a - b).abs().max())
+
+
+def test_stacked_loss_must_return_one_loss_per_copy():
+    layer = remix_layer(4, 2)
+
+    def bad(model, batch, copies=None):
+        return model(batch).sum(), [{}] * (copies or 1)
+
+    with pytest.raises(ValueError, match="must return a"):
+        rloo_loss(bad, 2)(nn.Sequential(layer), torch.randn(3, 5, dtype=torch.float64))
+
+
 def test_equal_losses_give_the_router_zero_gradient():
     layer = remix_layer(4, 2)
     with torch.no_grad():
@@ -202,6 +290,12 @@ def test_eval_is_the_deterministic_top_k():
     expected = layer.base(x) + h.flatten(-2) @ B.T
     assert torch.equal(layer(x), layer(x))
     assert torch.allclose(layer(x), expected, atol=1e-12)
+    with torch.no_grad():  # generate's path: one matmul for the A_i and the router (inference_forward)
+        assert torch.allclose(layer(x.view(3, 3, 5)), expected.view(3, 3, 5), atol=1e-12)
+        no_bias = ReMixLinear(nn.Linear(5, 5, bias=False).double(), 6, 2, 2).eval()
+        for name in ("base.weight", "lora_A", "lora_B", "router.weight"):
+            no_bias.get_parameter(name).copy_(layer.get_parameter(name))
+        assert torch.allclose(no_bias(x), expected - layer.base.bias, atol=1e-12)
     layer.train()  # training draws: some token's output differs from the top-k one
     torch.manual_seed(0)
     assert not torch.allclose(layer(x), expected)
