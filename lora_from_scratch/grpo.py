@@ -165,10 +165,10 @@ def token_logprobs(model, ro: Rollouts, copies: int = 1) -> torch.Tensor:
     copy-major (for ReMix, whose copies route differently)."""
     P = ro.prompt_len
     ids, mask, done = (t.repeat(copies, 1) for t in (ro.input_ids, ro.attention_mask, ro.completion_mask))
-    logits = model(ids[:, :-1], mask[:, :-1])[:, P - 1:]  # (N, n, V): predicts columns P..
+    logits = model(ids[:, :-1], mask[:, :-1])[:, P - 1:]  # (M N, n, V): predicts columns P..
     logp = F.log_softmax(logits.float() / ro.temperature, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
-    logp = logp * done[:, P:]  # (N, n)
-    return torch.cat([logp.new_zeros(logp.shape[0], P), logp], 1)  # (N, T)
+    logp = logp * done[:, P:]  # (M N, n)
+    return torch.cat([logp.new_zeros(logp.shape[0], P), logp], 1)  # (M N, T)
 
 
 @torch.no_grad()
@@ -274,6 +274,8 @@ class GRPOObjective:
     ``mu`` inner steps (and a wrapper that calls it several times per step)
     reuse one batch of rollouts. Subclasses change the method by overriding
     ``advantages`` or ``loss`` (and ``config_class`` for settings of their own).
+    ``copies=M`` serves ReMix (``remix.rloo_loss``); a subclass that
+    overrides ``__call__`` without it (S-GRPO, T-SPMO) gets M plain calls.
     """
 
     config_class = GRPOConfig  # the settings dataclass the RL recipe builds for this objective
@@ -320,7 +322,7 @@ class GRPOObjective:
         return grpo_loss(logp, old_logp, ro.ref_logp, ro.advantages, ro.completion_mask, eps_low=c.eps_low,
                          eps_high=c.eps_high, beta=c.beta, loss_type=c.loss_type, max_new_tokens=self.max_new_tokens)
 
-    def __call__(self, model, batch, copies: int | None = None):
+    def __call__(self, model, batch, copies: int | None = None) -> tuple[torch.Tensor, dict | list[dict]]:
         """Stages 1-4: (loss, metrics). ``copies = M`` (ReMix's ``rloo_loss``
         asks for it): the policy pass runs over M stacked copies of the
         rollouts at once, and the result is the (M,) losses and M metrics."""
@@ -331,7 +333,8 @@ class GRPOObjective:
             return torch.stack([loss for loss, _ in out]), [metrics for _, metrics in out]
         return self.loss_and_metrics(token_logprobs(model, ro), ro)  # (N, T) log-probs, with gradient
 
-    def loss_and_metrics(self, logp, ro: Rollouts):
+    def loss_and_metrics(self, logp, ro: Rollouts) -> tuple[torch.Tensor, dict]:
+        """Stage 4 and the metrics, from the fresh (N, T) log-probs."""
         # mu = 1: pi_old is pi itself, so the ratio is exactly 1
         old = ro.old_logp if self.cfg.mu > 1 else logp.detach()
         return self.loss(logp, old, ro), self.metrics(logp.detach(), old, ro)

@@ -120,7 +120,9 @@ class MixtureOfLoRAs(AdapterLayer):
         return y + F.linear(h.flatten(-2), B)  # (..., out)
 
     def routing_stats(self) -> dict:
-        """Statistics of the last training forward (``routing_stats_of``), as floats; empty before any."""
+        """Statistics of the last training forward (``routing_stats_of``), as floats; empty before any.
+        (Over all its tokens: all M copies after a stacked ReMix step, which
+        ``routing_metrics`` reads only the first of.)"""
         if self.last_routing is None:
             return {}
         logits, g = (t.flatten(0, -2) for t in self.last_routing)  # (N, n) each

@@ -74,8 +74,10 @@ def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """log Q of the ordered selections ``idx`` (..., k) under softmax(logits) (..., n):
     sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. The mass left before
     slot j, 1 - sum_{j' < j} q_{i_j'}, is computed as the sum of q over the
-    LoRAs not drawn yet: no cancellation, so it stays accurate (in float32)
-    even when one LoRA holds almost all of q."""
+    LoRAs not drawn yet: no cancellation, so it stays accurate in the
+    logits' dtype (float32) even when one LoRA holds almost all of q. (Its
+    limit: in float32, once the top logit leads the others by about 87 or
+    more, the q left underflows to 0 and log Q becomes infinite.)"""
     log_q = softmax(logits, log=True)  # (..., n)
     out = log_q.gather(-1, idx).sum(-1)  # (...): sum_j log q_{i_j}
     q, left = log_q.exp(), torch.ones_like(log_q)  # left: 1 on the LoRAs not drawn yet
@@ -104,7 +106,7 @@ class ReMixLinear(MixtureOfLoRAs):
     """Constant weights over k LoRAs drawn from the router (training), or
     its top-k (eval). While a loss wrapper records, each training forward
     appends its (logits, selection) to ``self.record``; the wrapper turns
-    all of them into one log Q (``record_log_prob``)."""
+    them into the log Q of each selection (``record_log_prob``)."""
 
     def selection(self, logits):  # (..., k) indices of the active LoRAs
         if not self.training:
@@ -157,7 +159,12 @@ def record_log_prob(records, copies: int = 1) -> torch.Tensor:
     forwards and tokens of log Q(selection), computed in one
     ``selection_log_prob`` call. With ``copies = M`` every recorded forward
     ran over M stacked copies of one batch (copy-major along the batch
-    dimension) and the result is each copy's own log Q, shape (M,)."""
+    dimension, which comes first in every ReMix layer's input) and the
+    result is each copy's own log Q, shape (M,)."""
+    for lg, _ in records:
+        if lg[..., 0].numel() % copies:
+            raise ValueError(f"a ReMix layer ran {lg[..., 0].numel()} tokens, not a multiple of {copies} stacked "
+                             f"copies: every training forward of a copies= call must run all copies, batch first")
     logits = torch.cat([lg.reshape(copies, -1, lg.shape[-1]) for lg, _ in records], 1)  # (M, sum N, n)
     idx = torch.cat([i.reshape(copies, -1, i.shape[-1]) for _, i in records], 1)  # (M, sum N, k)
     log_q = selection_log_prob(logits, idx).sum(-1)  # (M,)
@@ -167,7 +174,8 @@ def record_log_prob(records, copies: int = 1) -> torch.Tensor:
 def takes_copies(loss_fn) -> bool:
     """Whether ``loss_fn`` accepts ``copies=M`` (see ``rloo_loss``)."""
     try:
-        return "copies" in inspect.signature(loss_fn).parameters
+        # follow_wrapped=False: a functools.wraps wrapper has its own parameters, not the wrapped function's
+        return "copies" in inspect.signature(loss_fn, follow_wrapped=False).parameters
     except (TypeError, ValueError):  # a callable without a signature
         return False
 
@@ -175,22 +183,20 @@ def takes_copies(loss_fn) -> bool:
 def rloo_loss(loss_fn, M: int = 2):
     """Wrap any ``loss_fn(model, batch) -> (loss, metrics)`` for ReMix.
 
-    Evaluates the loss under M fresh routing selections of the same batch
-    and returns the RLOO surrogate (module docstring). Its value is the mean
-    of the M losses; only its gradient carries the router term. Metrics: the
-    spread (max - min) of the M losses, the routing statistics, and the mean
-    of loss_fn's own metrics.
+    Returns the RLOO surrogate (module docstring) over M fresh routing
+    selections of the same batch. Its value is the mean of the M losses;
+    only its gradient carries the router term. Metrics: the spread (max -
+    min) of the M losses, the routing statistics (of the first copy when
+    stacked, of the last call otherwise), and the mean of loss_fn's own.
 
-    Two ways to get the M losses, with the same math:
-    - the plain way: call ``loss_fn`` M times; each call draws its own
-      selection in every ReMix layer;
+    Two routes to the M losses, with the same math:
+    - plain: call ``loss_fn`` M times; each call draws its own selections;
     - stacked, when ``loss_fn`` takes a keyword ``copies`` (``sft_loss`` and
       ``GRPOObjective`` do): ONE call ``loss_fn(model, batch, copies=M)``
-      runs M copies of the batch stacked along the batch dimension through
-      one forward and backward pass, and returns the (M,) vector of the
-      copies' losses and a list of M metrics dicts. Every token of every
-      copy draws its own selection, so copy m is exactly selection m. The
-      FLOPs are the same; the number of operations is 1/M of the plain way,
+      runs M copies of the batch, stacked batch first, through one forward
+      and backward pass, and returns the (M,) losses and M metrics dicts.
+      Every token of every copy draws its own selection, so copy m is
+      selection m. Same FLOPs, 1/M as many torch operations to launch,
       which is what costs time in a small model.
 
     The router compares the M selections by their losses. An objective whose

@@ -270,7 +270,7 @@ def _skipping(it, n):
 
 
 # ----- supervised loss ----------------------------------------------------
-def sft_loss(model, batch, copies: int | None = None) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, batch, copies: int | None = None) -> tuple[torch.Tensor, dict | list[dict]]:
     """Next-token cross-entropy on the answer tokens only (``targets`` is
     -100 on the prompt and on padding).
 

@@ -46,8 +46,10 @@ def test_Q_sums_to_one_and_matches_closed_form(n, k):
 
 
 def test_log_Q_stays_accurate_when_one_lora_holds_almost_all_of_q():
-    # q_0 = 1 - 7e-13 in float32 rounds to 1, so "1 - q_0" would be 0 and log Q -inf;
-    # the mass left is summed over the LoRAs not drawn instead, and the second draw is 1 in 7
+    # q_0 = 1 - 7e-13 rounds to 1 in float32, so the mass left after drawing LoRA 0,
+    # computed as 1 - q_0, would be 0 and log Q infinite (1 - q_0 in float64 fails the
+    # same way once q_0 is within 1e-16 of 1). Summed over the LoRAs not drawn, it is
+    # 7e-13, and the second draw is 1 in 7.
     logits = torch.tensor([[30.0, 0, 0, 0, 0, 0, 0, 0]])
     lq = selection_log_prob(logits, torch.tensor([[0, 3]]))
     assert lq.dtype == torch.float32 and math.isclose(lq.item(), -math.log(7), rel_tol=1e-5)
@@ -214,6 +216,26 @@ def test_stacked_copies_equal_separate_calls_with_the_same_selections(monkeypatc
     assert routers and routers[0].abs().max() > 1e-6  # the router term is in the comparison
     for p, a, b in zip(params, g_stacked, g_plain):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), (p.shape, (a - b).abs().max())
+
+
+def test_takes_copies_reads_the_callable_itself():
+    import functools
+
+    from lora_from_scratch.train import sft_loss
+    assert remix.takes_copies(sft_loss) and remix.takes_copies(functools.partial(sft_loss))
+    wrapped = functools.wraps(sft_loss)(lambda model, batch: sft_loss(model, batch))
+    assert not remix.takes_copies(wrapped)  # its own signature has no copies, whatever it wraps
+
+
+def test_a_stacked_loss_that_ran_one_copy_is_caught():
+    layer = remix_layer(4, 2)
+
+    def unstacked(model, batch, copies=None):  # right shapes returned, but the model saw one copy
+        loss = model(batch).sum()
+        return torch.stack([loss] * copies), [{}] * copies
+
+    with pytest.raises(ValueError, match="stacked copies"):
+        rloo_loss(unstacked, 2)(nn.Sequential(layer), torch.randn(3, 5, dtype=torch.float64))
 
 
 def test_stacked_loss_must_return_one_loss_per_copy():
