@@ -61,6 +61,7 @@ from .adapters import option
 from .lora import lora_linear
 from .mixture import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
 
+
 def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Draw k indices (..., k) without replacement from softmax(logits), in
     draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick),
