@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from adapter_speed import time_fwd, time_fwd_bwd
-from lora_from_scratch.checkpoint import atomic_write, write_json
+from lora_from_scratch.checkpoint import atomic_write, pyplot, save_figure, write_json
 from lora_from_scratch.gralora import GraLoRALinear
 from lora_from_scratch.lora import LoRALinear
 from lora_from_scratch.recipes import FinetuneConfig, PretrainConfig, finetune, load_or_pretrain
@@ -122,12 +122,8 @@ def _sd(v):
 
 
 def plot(q: dict, settings: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, pick in (("LoRA", lambda r: r["row"] == "lora"), ("GraLoRA (hybrid at R=8)", lambda r: r["row"] != "lora")):
@@ -147,9 +143,7 @@ def plot(q: dict, settings: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     print(f"figure written to {path}")
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from lora_from_scratch.checkpoint import atomic_write, write_json
+from lora_from_scratch.checkpoint import atomic_write, pyplot, save_figure, write_json
 from lora_from_scratch.grpo import sample_rollouts
 from lora_from_scratch.recipes import load_or_pretrain
 from lora_from_scratch.rl import RLConfig, rl_base_config, rl_finetune
@@ -260,12 +260,8 @@ def write_table(results: dict, path: str) -> None:
 
 
 def plot(results: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(results["tasks"])
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
@@ -282,9 +278,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     print(f"figure: {path}")
 
 

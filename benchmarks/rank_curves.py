@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from lora_from_scratch.adapters import adapter_layers
-from lora_from_scratch.checkpoint import atomic_write, write_json
+from lora_from_scratch.checkpoint import atomic_write, pyplot, save_figure, write_json
 from lora_from_scratch.data import encode_batch
 from lora_from_scratch.lora import LoRALinear
 from lora_from_scratch.matryoshka import MatryoshkaLoRALinear, MatryoshkaOptions, aurac, default_train_ranks
@@ -305,12 +305,8 @@ COLORS = ["lora", "dylora", "dylora-nf", "matryoshka", "matryoshka, P kept", "ne
 
 
 def plot(results: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plots]'): no figure")
+    plt = pyplot()
+    if plt is None:
         return
     settings = list(results["settings"].values())
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings) + 2, 4), squeeze=False)
@@ -342,8 +338,7 @@ def plot(results: dict, path: str) -> None:
             labels.setdefault(label, handle)
     axes[0][-1].legend(labels.values(), labels.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     print(f"figure written to {path}")
 
 

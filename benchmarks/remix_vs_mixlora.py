@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from lora_from_scratch.adapters import trainable_parameters
-from lora_from_scratch.checkpoint import atomic_write, write_json
+from lora_from_scratch.checkpoint import atomic_write, pyplot, save_figure, write_json
 from lora_from_scratch.data import train_batches
 from lora_from_scratch.model import GPTConfig, TinyGPT
 from lora_from_scratch.recipes import PretrainConfig, adapt, load_or_pretrain
@@ -231,12 +231,8 @@ def ess_over_steps(res: dict) -> str:
 
 
 def plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plots]'): no figure")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     for name, per in res["rows"].items():
@@ -259,8 +255,7 @@ def plot(res: dict, path: str) -> None:
     axes[0].set_ylabel("effective support size")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     print(f"figure written to {path}")
 
 

@@ -128,6 +128,32 @@ def write_json(path, obj, sort_keys: bool = False) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a
+    one-line notice) when matplotlib is not installed: the benchmarks' and
+    tutorials' figures are optional (``pip install -e ".[plots]"``), and the
+    library itself never imports matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plots]'): no figure")
+        return None
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 110, **savefig_kw) -> None:
+    """Write a matplotlib figure as PNG, atomically like every file here (its
+    folder is created), then close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, **savefig_kw)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
 def safe_load(path, what: str = "checkpoint") -> dict:
     """Load a dict saved by ``atomic_save``, with clear errors for a missing
     or unreadable file."""

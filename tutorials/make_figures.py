@@ -205,23 +205,17 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         p.error(f"unknown figure(s) {unknown}; expected names from {NAMES}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e \".[plots]\"); no figures drawn")
+    from lora_from_scratch.checkpoint import pyplot, save_figure
+    plt = pyplot()
+    if plt is None:
         return 0
-    from lora_from_scratch.checkpoint import atomic_write
     torch.set_num_threads(1)  # the same numbers on every run of this machine
     plt.rcParams.update({"svg.hashsalt": "lora", "font.size": 10})
     for name in names:
         fig = globals()[name](plt)
         fig.tight_layout()
         path = Path(a.out) / f"{name}.png"
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
+        save_figure(fig, path, dpi=110, metadata={"Software": None})
         print(f"wrote {path}")
     return 0
 
