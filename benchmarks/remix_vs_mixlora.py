@@ -101,7 +101,11 @@ def run_one(base, task, spec, seed, a) -> dict:
 
 def speed(base, task, specs, a) -> dict:
     """Median time of a training step (loss, backward, AdamW) and of an eval
-    forward for every row, interleaved, as ratios to the first LoRA row."""
+    forward for every row, interleaved, as ratios to the first LoRA row.
+    Each round runs every row's step twice and its forward twice and times
+    the second of each: training repeats one kind of step, and a row timed
+    right after another row's different work runs measurably slower (the
+    two identical LoRA rows differed by about 5% that way)."""
     batch = train_batches(task, Tokenizer(), a.batch_size, 999)(0)
     ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     built = {}
@@ -114,19 +118,22 @@ def speed(base, task, specs, a) -> dict:
     for rep in range(a.speed_reps + 2):
         for name, (model, loss_fn, opt) in built.items():
             model.train()
-            t0 = time.perf_counter()
-            loss, _ = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            t1 = time.perf_counter()
+            for _ in range(2):  # the second is timed
+                t0 = time.perf_counter()
+                loss, _ = loss_fn(model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                t1 = time.perf_counter()
             model.eval()
             with torch.no_grad():
-                model(ids, mask)
-            t2 = time.perf_counter()
+                for _ in range(2):
+                    t2 = time.perf_counter()
+                    model(ids, mask)
+                    t3 = time.perf_counter()
             if rep >= 2:  # two warm-up rounds
                 step_t[name].append(t1 - t0)
-                eval_t[name].append(t2 - t1)
+                eval_t[name].append(t3 - t2)
     ref = next(iter(specs))  # the first row is the reference
     s0, e0 = statistics.median(step_t[ref]), statistics.median(eval_t[ref])
     return {name: {"step_ratio": statistics.median(step_t[name]) / s0,

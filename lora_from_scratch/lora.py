@@ -173,7 +173,7 @@ class _LoRALinearFn(torch.autograd.Function):
         x2, W, A, B, h, *rest = ctx.saved_tensors
         s = rest[0] if rest else ctx.s
         g = gy.reshape(-1, gy.shape[-1])  # (N, out)
-        gh = (B.t() @ g.t()).t() * s  # (N, k) = (g B) * s
+        gh = (g @ B) * s  # (N, k)
         gx = gW = gb = gA = gB = None
         if ctx.needs_input_grad[0]:
             gx = (g @ W).addmm_(gh, A).view(ctx.x_shape)  # g W + gh A

@@ -74,7 +74,7 @@ class MixLoRALinear(MixtureOfLoRAs):
             f = F.one_hot(idx, self.n).flatten(0, -2).to(q.dtype).mean(0)  # (n,), sums to 1
             self.record.append(self.n * (f * q.flatten(0, -2).mean(0)).sum())
         if self.training:
-            self.last_routing = (logits.detach(), w.detach())
+            self.last_routing = tuple(t.detach().flatten(0, -2).t() for t in (logits, w))  # (n, N) views
         return self.k * w  # times omega in adapter_output: k omega w_i
 
 

@@ -19,18 +19,19 @@ in order, with probability
 
     Q(I) = prod_j q_{i_j} / (1 - sum_{j' < j} q_{i_j'})
 
-(sampled with the Gumbel-top-k trick). Q does not enter the output, so the
+(``draw`` samples it slot by slot and returns d log Q / d logits with it;
+``selection_log_prob`` computes log Q). Q does not enter the output, so the
 router gets no gradient from the loss. ``rloo_loss(loss_fn, M)`` supplies it:
 it draws M >= 2 selections (a selection is the draw in every layer and
 token; log Q sums over all of them), computes the loss L_m of each and
-returns the surrogate
+returns a surrogate with the value (1/M) sum_m L_m and the gradient of
 
     (1/M) sum_m L_m  +  1/(M-1) sum_m stopgrad(L_m - mean L) * log Q_m
 
-whose gradient is an unbiased estimate of grad E_I[L(I)]: the first term
-trains the LoRAs, the second is REINFORCE with the leave-one-out baseline
-(RLOO; the loss is a negative reward). Inference (``eval()``, so also
-``generate``) uses the deterministic top-k of q.
+an unbiased estimate of grad E_I[L(I)]: the first term trains the LoRAs,
+the second is REINFORCE with the leave-one-out baseline (RLOO; the loss is
+a negative reward). Inference (``eval()``, so also ``generate``) uses the
+deterministic top-k of q.
 
 Our reading where the paper leaves details open: routing is per token; B
 starts at 0 (the adapted model is the base model, and on the first step all
@@ -45,7 +46,8 @@ routing statistics are shared with MixLoRA and live in ``mixture.py``;
 n experts' ``A_i x`` in one matmul and gates them per token with a dense
 (N, n r) scale matrix that is omega on the selected LoRAs and 0 elsewhere:
 a rank-(n r) LoRA with a per-token diagonal gate. That is simple and fast
-for small n r; a large model would group tokens by expert instead. With
+for small n r; a large model would group tokens by expert instead. The
+routing itself (logits, draw, gates) is expert-major, (n, N). With
 k = n every LoRA is always active and the layer is a fixed rank-(n r) LoRA
 (the only case with a ``delta_weight``, so the only one that can merge).
 """
@@ -56,29 +58,82 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import option
 from .lora import lora_linear
 from .mixture import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
 
 
+# The smallest router probability a draw uses (about exp(-80)): a smaller q,
+# which only a logit some 80 below the token's top one gives, counts as this
+# much, so the mass left for a later slot stays above 0 in float32 and every
+# slot draws a LoRA.
+Q_FLOOR = 1e-35
+
+
+def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
+    """Draw k of the n LoRAs for each token, in order, without replacement.
+
+    ``logits`` (n, N), no gradient, is EXPERT-MAJOR (one row per LoRA):
+    every step below reduces over the n LoRAs, and on CPU a reduction over
+    dim 0 of an (n, N) tensor is several times faster than over the short
+    last dim of (N, n). Returns ``hits`` (k, n, N), where hits[j] is the
+    one-hot of slot j's LoRA, and the gradient of the draw's log-probability
+    d log Q / d logits (n, N), which is all that the router's REINFORCE term
+    needs (``rloo_loss``). Given ``hits``, it returns them with their
+    gradient instead of drawing.
+
+    Slot by slot, by the inverse CDF. w holds q = softmax(logits) for the
+    LoRAs not drawn yet and 0 for the drawn ones. With c its running sum
+    down the n rows, slot j takes the first LoRA whose c exceeds
+    v = u * sum(w), u ~ U[0, 1): LoRA i with probability
+    p_j[i] = w_i / sum(w) = q_i / (1 - the q drawn before), exactly slot j's
+    factor of Q (module docstring). A drawn LoRA has w = 0, so c does not
+    rise at it and it cannot come again. sum(w) adds up what is left, with
+    no 1 - (something close to 1) to lose precision to. Since
+    log Q = sum_j log p_j[i_j], a log-softmax over the LoRAs left at each
+    slot,
+
+        d log Q / d logits = sum_j (onehot(i_j) - p_j)
+
+    (``selection_log_prob`` computes log Q itself; the tests check this
+    gradient against autograd on it)."""
+    w = logits.softmax(0).clamp_(min=Q_FLOOR)  # (n, N): q
+    (n, N), drawing = w.shape, hits is None
+    if drawing:
+        u = torch.rand(k, N, dtype=w.dtype, device=w.device)  # (k, N)
+        hits = w.new_empty(k, n, N)
+        passed = w.new_zeros(n + 1, N)  # passed[1 + i]: is LoRA i's c past v? (row 0 stays 0)
+        now, before = passed[1:], passed[:-1]
+    p_sum = None  # sum_j p_j
+    for j in range(k):
+        c = w.cumsum(0)  # (n, N)
+        mass = c[-1]  # (N,): all the weight left
+        if drawing:
+            torch.gt(c, u[j] * mass, out=now)  # 0 ... 0 1 ... 1, as float
+            torch.sub(now, before, out=hits[j])  # the one-hot: where `passed` steps from 0 to 1
+        p = w / mass  # (n, N): p_j, the distribution slot j draws from
+        p_sum = p if p_sum is None else p_sum + p
+        if j + 1 < k:
+            w = w - w * hits[j]  # the drawn LoRA leaves the pool
+    return hits, hits.sum(0) - p_sum
+
+
 def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Draw k indices (..., k) without replacement from softmax(logits), in
-    draw order: the top-k of logits + Gumbel noise (the Gumbel-top-k trick),
-    with the noise -log(-log u), u ~ Uniform(0, 1). (On CPU this is several
-    times faster than -log of an ``exponential_()`` draw.)"""
-    u = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)  # (..., n), never 0
-    return (logits - u.log_().neg_().log_()).topk(k, dim=-1).indices  # logits + Gumbel(0, 1)
+    """k indices (..., k) drawn without replacement from softmax(logits)
+    (..., n), in draw order (``draw`` in the usual layout)."""
+    hits, _ = draw(logits.detach().reshape(-1, logits.shape[-1]).t(), k)  # (k, n, N)
+    return hits.argmax(1).t().reshape(*logits.shape[:-1], k)
 
 
 def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """log Q of the ordered selections ``idx`` (..., k) under softmax(logits) (..., n):
-    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})]. The mass left before
-    slot j, 1 - sum_{j' < j} q_{i_j'}, is computed as the sum of q over the
-    LoRAs not drawn yet: no cancellation, so it stays accurate in the
-    logits' dtype (float32) even when one LoRA holds almost all of q. (Its
-    limit: in float32, once the top logit leads the others by about 87 or
-    more, the q left underflows to 0 and log Q becomes infinite.)"""
+    sum_j [log q_{i_j} - log(1 - sum_{j' < j} q_{i_j'})], differentiable by
+    autograd. The mass left before slot j, 1 - sum_{j' < j} q_{i_j'}, is
+    computed as the sum of q over the LoRAs not drawn yet: no cancellation,
+    so it stays accurate in the logits' dtype (float32) even when one LoRA
+    holds almost all of q."""
     log_q = softmax(logits, log=True)  # (..., n)
     out = log_q.gather(-1, idx).sum(-1)  # (...): sum_j log q_{i_j}
     q, left = log_q.exp(), torch.ones_like(log_q)  # left: 1 on the LoRAs not drawn yet
@@ -86,6 +141,25 @@ def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         left = left.scatter(-1, idx[..., j - 1:j], 0.0)
         out = out - (q * left).sum(-1).log()  # - log(mass left before slot j)
     return out
+
+
+def score_function_term(records, adv: torch.Tensor) -> torch.Tensor:
+    """The router's REINFORCE term: a scalar whose gradient is
+    sum_m adv_m grad log Q_m, for ReMix layers' ``records`` of
+    (logits (n, N), d log Q / d logits (n, N)) and ``adv`` (M,), one
+    advantage per copy. With M > 1, every recorded forward ran M stacked
+    copies of one batch, copy-major along N (the batch dimension comes first
+    in every ReMix layer's input), and copy m drew selection m. The scalar
+    is sum_m adv_m <d log Q_m / d logits, logits> with the first factor
+    constant: its value means nothing, its gradient is the estimate."""
+    M, total = len(adv), adv.new_zeros(())
+    for logits, grad in records:
+        if logits.shape[1] % M:
+            raise ValueError(f"a ReMix layer ran {logits.shape[1]} tokens, not a multiple of {M} stacked copies: "
+                             f"every training forward of a copies= call must run all copies, batch first")
+        g = grad.view(grad.shape[0], M, -1) * adv[:, None]  # (n, M, N / M): adv_m d log Q_m / d logits
+        total = total + (g * logits.view_as(g)).sum()
+    return total
 
 
 @dataclass
@@ -106,19 +180,30 @@ class ReMixOptions:
 class ReMixLinear(MixtureOfLoRAs):
     """Constant weights over k LoRAs drawn from the router (training), or
     its top-k (eval). While a loss wrapper records, each training forward
-    appends its (logits, selection) to ``self.record``; the wrapper turns
-    them into the log Q of each selection (``record_log_prob``)."""
+    appends its router logits and the gradient of its draw's log Q, both
+    (n, N), to ``self.record``; the wrapper turns them into the router's
+    REINFORCE term (``score_function_term``)."""
 
-    def selection(self, logits):  # (..., k) indices of the active LoRAs
-        if not self.training:
-            return logits.topk(self.k, dim=-1).indices  # deterministic top-k
-        idx = sample_selection(logits.detach(), self.k)  # (..., k), in draw order
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # (n, n r): row i is omega on LoRA i's r components of the pool, 0
+        # elsewhere; g^T @ spread turns gates (n, N) into per-component scales
+        # in one matrix product. A constant: not saved, moves with the layer.
+        w = self.lora_A
+        spread = self.omega * torch.eye(self.n, dtype=w.dtype, device=w.device).repeat_interleave(self.r, 1)
+        self.register_buffer("spread", spread, persistent=False)
+
+    def expert_major_gates(self, logits):  # (n, N) -> (n, N): 1 on each token's k active LoRAs, 0 elsewhere
+        if not self.training:  # the deterministic top-k
+            return torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0)
+        hits, grad_log_q = draw(logits.detach(), self.k)  # (k, n, N), (n, N)
         if self.record is not None:
-            self.record.append((logits, idx))
-        return idx
+            self.record.append((logits, grad_log_q))
+        return hits.sum(0)
 
-    def gates(self, logits):  # (..., n): 1 on the active LoRAs, 0 elsewhere
-        return torch.zeros_like(logits).scatter_(-1, self.selection(logits), 1.0)
+    def gates(self, logits):  # (..., n), for adapter_output
+        g = self.expert_major_gates(logits.reshape(-1, self.n).t())  # (n, N)
+        return g.t().reshape(logits.shape)
 
     def forward(self, x):
         if self.merged or self.disabled:
@@ -126,16 +211,16 @@ class ReMixLinear(MixtureOfLoRAs):
         if not self.training and not torch.is_grad_enabled():
             return self.inference_forward(x)
         # the same function as adapter_output, through LoRA's hand-written
-        # backward: the per-token gate omega * g, repeated over each LoRA's
-        # r components, is its (N, n r) matrix of constant scales, written
-        # in one scatter
-        logits = self.router_logits(x).flatten(0, -2)  # (N, n)
-        idx = self.selection(logits)  # (N, k)
-        N, n, r = logits.shape[0], self.n, self.r
-        s = logits.new_zeros(N, n, r).scatter_(1, idx[:, :, None].expand(N, self.k, r), self.omega)
+        # backward, with the routing expert-major (see draw)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        logits = self.router.weight @ x2.detach().t()  # (n, N): the router reads a detached x
+        g = self.expert_major_gates(logits)  # (n, N)
         if self.training:
-            self.last_routing = (logits.detach(), s[:, :, 0])  # gates omega * g: statistics normalise them
-        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s.view(N, n * r))
+            self.last_routing = (logits.detach(), g)  # for the statistics
+        # LoRA's per-component scales, token-major: each token's gate
+        # omega * g_i repeated over LoRA i's r components
+        s = g.t() @ self.spread  # (N, n r)
+        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s)
 
     def inference_forward(self, x):
         """Eval without gradients (``generate``, ``evaluate``): the same output
@@ -153,23 +238,6 @@ class ReMixLinear(MixtureOfLoRAs):
         y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
         y.addmm_(h[:, :n * r] * s.view(N, n * r), B.t())  # += (gated A x) B^T
         return y.view(*x.shape[:-1], W.shape[0])
-
-
-def record_log_prob(records, copies: int = 1) -> torch.Tensor:
-    """log Q of everything ReMix layers recorded: the sum over layers,
-    forwards and tokens of log Q(selection), computed in one
-    ``selection_log_prob`` call. With ``copies = M`` every recorded forward
-    ran over M stacked copies of one batch (copy-major along the batch
-    dimension, which comes first in every ReMix layer's input) and the
-    result is each copy's own log Q, shape (M,)."""
-    for lg, _ in records:
-        if lg[..., 0].numel() % copies:
-            raise ValueError(f"a ReMix layer ran {lg[..., 0].numel()} tokens, not a multiple of {copies} stacked "
-                             f"copies: every training forward of a copies= call must run all copies, batch first")
-    logits = torch.cat([lg.reshape(copies, -1, lg.shape[-1]) for lg, _ in records], 1)  # (M, sum N, n)
-    idx = torch.cat([i.reshape(copies, -1, i.shape[-1]) for _, i in records], 1)  # (M, sum N, k)
-    log_q = selection_log_prob(logits, idx).sum(-1)  # (M,)
-    return log_q[0] if copies == 1 else log_q
 
 
 def takes_copies(loss_fn) -> bool:
@@ -212,19 +280,16 @@ def rloo_loss(loss_fn, M: int = 2):
         raise ValueError(f"rloo_loss needs M >= 2 selections (the leave-one-out baseline uses the others), got {M!r}")
     stacked = takes_copies(loss_fn)
 
-    def recorded(layers, run, copies=1):
-        """Run ``run()`` while the layers record their selections; its result and the log Q."""
+    def recorded(layers, run):
+        """Run ``run()`` while the layers record their draws; its result and the records."""
         for m in layers:
             m.record = []
         try:
             out = run()
-            records = [rec for m in layers for rec in m.record]
+            return out, [rec for m in layers for rec in m.record]
         finally:
             for m in layers:
                 m.record = None
-        if not records:  # a loss that did not run the ReMix layers in training mode
-            return out, torch.zeros(copies) if copies > 1 else torch.zeros(())
-        return out, record_log_prob(records, copies)
 
     def stacked_losses(model, batch):
         losses, inner = loss_fn(model, batch, copies=M)
@@ -238,21 +303,25 @@ def rloo_loss(loss_fn, M: int = 2):
         layers = [m for _, m in mixture_layers(model, ReMixLinear)]
         if not layers:
             raise ValueError("rloo_loss needs a model with ReMixLinear adapters")
-        # Stage 1: M losses, each with its own selection and log Q
+        # Stage 1: M losses, each with its own selection; every ReMix layer
+        # records its logits and d log Q / d logits of its draw
         if stacked:
-            (losses, inner), log_qs = recorded(layers, lambda: stacked_losses(model, batch), M)  # (M,), (M,)
+            (losses, inner), records = recorded(layers, lambda: stacked_losses(model, batch))  # (M,)
         else:
             runs = [recorded(layers, lambda: loss_fn(model, batch)) for _ in range(M)]
             losses = torch.stack([loss for (loss, _), _ in runs])  # (M,)
             inner = [metrics for (_, metrics), _ in runs]
-            log_qs = torch.stack([log_q for _, log_q in runs])  # (M,)
-        log_qs = log_qs.to(losses.device)
         # Stage 2: leave-one-out advantages. L_m - mean L = (M-1)/M (L_m - mean of the others)
         scores = torch.tensor([float(d.get("selection_loss", l)) for d, l in zip(inner, losses.detach())],
-                              dtype=log_qs.dtype, device=log_qs.device)  # (M,) what the router compares
+                              dtype=losses.dtype, device=losses.device)  # (M,) what the router compares
         adv = scores - scores.mean()  # (M,)
-        router_term = (adv * log_qs).sum() / (M - 1)
-        # Stage 3: the value is the mean loss, the gradient adds the router term
+        # Stage 3: REINFORCE, 1/(M-1) sum_m adv_m grad log Q_m, through the recorded gradients
+        if stacked:  # one pass: copy m of every record is selection m
+            router_term = score_function_term(records, adv)
+        else:
+            router_term = sum(score_function_term(recs, adv[m:m + 1]) for m, (_, recs) in enumerate(runs))
+        router_term = router_term / (M - 1)
+        # Stage 4: the value is the mean loss, the gradient adds the router term
         surrogate = losses.mean() + (router_term - router_term.detach())
         out = {k: sum(float(d[k]) for d in inner) / M for k in inner[0]}
         spread = float(losses.detach().max() - losses.detach().min())

@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lora_from_scratch.remix as remix
 from lora_from_scratch.lora import LoRALinear
 from lora_from_scratch.mixlora import MixLoRALinear, MixLoRAOptions, with_balance_loss
 from lora_from_scratch.mixture import effective_support_size
 from lora_from_scratch.remix import ReMixLinear, ReMixOptions, rloo_loss, sample_selection, selection_log_prob
+
+DRAW = remix.draw  # the real one, for tests that patch it
 
 
 def closed_form_Q(q, sel):
@@ -55,19 +58,62 @@ def test_log_Q_stays_accurate_when_one_lora_holds_almost_all_of_q():
     assert lq.dtype == torch.float32 and math.isclose(lq.item(), -math.log(7), rel_tol=1e-5)
 
 
-def test_record_log_prob_sums_every_layer_and_token():
-    # records of different shapes (two layers, a (B, T, n) and an (N, n) forward)
-    # give the sum of log Q over all of them, gradient included
+def log_Q_by_autograd(logits, sel):
+    """An independent oracle: log Q from the product formula with plain torch
+    ops (differentiable by autograd), for (N, n) logits and (N, k) selections."""
+    q = logits.softmax(-1)
+    out = []
+    for t in range(len(sel)):
+        lq, used = 0.0, torch.zeros((), dtype=logits.dtype)
+        for i in sel[t].tolist():
+            lq = lq + q[t, i].log() - torch.log(1 - used)  # the naive form: fine in float64
+            used = used + q[t, i]
+        out.append(lq)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n,k", [(4, 2), (5, 3), (3, 1), (3, 3)])
+def test_log_Q_and_the_closed_form_gradient_of_draw_match_autograd(n, k):
+    torch.manual_seed(n + k)
+    logits = torch.randn(7, n, dtype=torch.float64, requires_grad=True)
+    sel = sample_selection(logits, k)  # (7, k)
+    lq, ref = selection_log_prob(logits, sel), log_Q_by_autograd(logits, sel)
+    assert torch.allclose(lq, ref, atol=1e-12)
+    w = torch.randn(7, dtype=torch.float64)  # any upstream gradient
+    expect, = torch.autograd.grad((w * ref).sum(), logits)
+    assert torch.allclose(torch.autograd.grad((w * lq).sum(), logits)[0], expect, atol=1e-12)
+    hits = F.one_hot(sel, n).double().permute(1, 2, 0)  # (k, n, 7): the same selection, as draw's one-hots
+    same, grad = remix.draw(logits.detach().t(), k, hits)  # scores the given hits
+    assert same is hits and torch.allclose(grad.t() * w[:, None], expect, atol=1e-12)
+
+
+def test_score_function_term_has_the_reinforce_gradient():
+    # records of layers with different token counts and pool shapes, each a
+    # forward over M = 2 stacked copies (copy-major along N): the gradient is
+    # sum_m adv_m grad log Q_m, with log Q_m summed over layers and copy m's tokens
     torch.manual_seed(0)
-    a = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    recs = [(a, remix.sample_selection(a.detach(), 2)), (b, remix.sample_selection(b.detach(), 2))]
-    total = remix.record_log_prob(recs)
-    expect = sum(selection_log_prob(lg, i).sum() for lg, i in recs)
-    assert torch.allclose(total, expect, atol=1e-12)
-    ga = torch.autograd.grad(total, (a, b))
-    gb = torch.autograd.grad(expect, (a, b))
-    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(ga, gb))
+    a = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)  # n = 5, N = 2 x 3
+    b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)  # n = 5, N = 2 x 2
+    c = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # n = 3, N = 2 x 2
+    draws = [(lg, *remix.draw(lg.detach(), k)) for lg, k in ((a, 2), (b, 2), (c, 3))]
+    adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    term = remix.score_function_term([(lg, grad) for lg, _, grad in draws], adv)
+    log_q = [selection_log_prob(lg.t(), hits.argmax(1).t()).view(2, -1).sum(1) for lg, hits, _ in draws]  # (2,) each
+    expect = torch.autograd.grad((adv * sum(log_q)).sum(), (a, b, c))
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(torch.autograd.grad(term, (a, b, c)), expect))
+    with pytest.raises(ValueError, match="stacked copies"):
+        remix.score_function_term([(a, draws[0][2])], torch.zeros(4, dtype=torch.float64))  # 6 tokens, 4 copies
+
+
+def test_draw_takes_k_distinct_loras_even_when_one_holds_all_of_q():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    logits[2, :10] = 500.0  # for 10 tokens, LoRA 2 leads by far more than float32's exp range
+    hits, grad = remix.draw(logits, 3)  # (3, 6, 50), (6, 50)
+    assert torch.equal(hits.sum(1), torch.ones(3, 50))  # each slot draws exactly one LoRA
+    assert torch.equal(hits.sum(0).amax(0), torch.ones(50))  # never the same one twice
+    assert torch.equal(hits[0, 2, :10], torch.ones(10))  # the dominant LoRA comes first
+    assert torch.isfinite(grad).all()
 
 
 def test_sampling_frequencies_match_Q():
@@ -84,9 +130,12 @@ def test_sampling_frequencies_match_Q():
 
 # ----- RLOO is exactly unbiased ----------------------------------------------
 def forced_draws(monkeypatch, draws):
-    """Make the layers' draws return ``draws`` (a list of index tensors), in order."""
+    """Make the layers' draws return ``draws`` (a list of (N, k) index tensors), in order."""
     queue = list(draws)
-    monkeypatch.setattr(remix, "sample_selection", lambda logits, k: queue.pop(0))
+
+    def forced(logits, k, hits=None):  # score the forced selection instead of drawing one
+        return DRAW(logits, k, F.one_hot(queue.pop(0), logits.shape[0]).to(logits.dtype).permute(1, 2, 0))
+    monkeypatch.setattr(remix, "draw", forced)
     return queue
 
 
@@ -114,15 +163,16 @@ def test_rloo_gradient_is_exactly_unbiased(monkeypatch, n, k, tokens, layers, M)
         return [torch.tensor(J[l * tokens:(l + 1) * tokens]) for l in range(layers)]
 
     # Oracle: E[L] = sum_J Q(J) L(J), Q from the closed form on the router logits
-    logits = []
-    hooks = [m.router.register_forward_hook(lambda mod, inp, out: logits.append(out)) for m in mods]
+    inputs = []  # each ReMix layer's input; its router reads it detached
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0]))) for m in mods]
     expected, probs = 0.0, []
     for J in joint:
+        inputs.clear()
         forced_draws(monkeypatch, draws_of(J))
-        logits.clear()
         L, _ = loss_fn(model, x)
         Q = 1.0
-        for l, lg in enumerate(logits):
+        for l, (mod, inp) in enumerate(inputs):
+            lg = mod.router(inp.detach())  # (tokens, n)
             for t in range(tokens):
                 Q = Q * closed_form_Q(lg[t].softmax(-1), J[l * tokens + t])
         probs.append(Q.detach())
@@ -195,8 +245,13 @@ def test_stacked_copies_equal_separate_calls_with_the_same_selections(monkeypatc
     assert remix.takes_copies(loss_fn) and not remix.takes_copies(lambda m, b: loss_fn(m, b))
     params = [p for p in model.parameters() if p.requires_grad]
 
-    drawn, sample = [], remix.sample_selection
-    monkeypatch.setattr(remix, "sample_selection", lambda logits, k: drawn.append(sample(logits, k)) or drawn[-1])
+    drawn = []  # the drawn (N, k) indices, layer by layer
+
+    def recording(logits, k, hits=None):
+        out = DRAW(logits, k, hits)
+        drawn.append(out[0].argmax(1).t())
+        return out
+    monkeypatch.setattr(remix, "draw", recording)
     torch.manual_seed(1)
     stacked, m_stacked = rloo_loss(loss_fn, M)(model, batch)
     g_stacked = torch.autograd.grad(stacked, params)
