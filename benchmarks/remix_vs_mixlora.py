@@ -103,9 +103,11 @@ def speed(base, task, specs, a) -> dict:
     """Median time of a training step (loss, backward, AdamW) and of an eval
     forward for every row, interleaved, as ratios to the first LoRA row.
     Each round runs every row's step twice and its forward twice and times
-    the second of each: training repeats one kind of step, and a row timed
-    right after another row's different work runs measurably slower (the
-    two identical LoRA rows differed by about 5% that way)."""
+    the second of each (training repeats one kind of step), and each round
+    starts at the next row, so that every row runs in every position
+    equally often: a row timed right after another row's different work
+    runs measurably slower (the two identical LoRA rows differed by about 5%
+    when the reference always went first)."""
     batch = train_batches(task, Tokenizer(), a.batch_size, 999)(0)
     ids, mask = batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]
     built = {}
@@ -116,7 +118,9 @@ def speed(base, task, specs, a) -> dict:
     step_t = {name: [] for name in specs}
     eval_t = {name: [] for name in specs}
     for rep in range(a.speed_reps + 2):
-        for name, (model, loss_fn, opt) in built.items():
+        names = list(built)
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotated
+            model, loss_fn, opt = built[name]
             model.train()
             for _ in range(2):  # the second is timed
                 t0 = time.perf_counter()

@@ -107,16 +107,16 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
         passed = w.new_zeros(n + 1, N)  # passed[1 + i]: is LoRA i's c past v? (row 0 stays 0)
         now, before = passed[1:], passed[:-1]
     p_sum = None  # sum_j p_j
-    for j in range(k):
+    for j, hit in enumerate(hits):  # hit: (n, N), slot j's one-hot
         c = w.cumsum(0)  # (n, N)
         mass = c[-1]  # (N,): all the weight left
         if drawing:
             torch.gt(c, u[j] * mass, out=now)  # 0 ... 0 1 ... 1, as float
-            torch.sub(now, before, out=hits[j])  # the one-hot: where `passed` steps from 0 to 1
+            torch.sub(now, before, out=hit)  # the one-hot: where `passed` steps from 0 to 1
         p = w / mass  # (n, N): p_j, the distribution slot j draws from
         p_sum = p if p_sum is None else p_sum + p
         if j + 1 < k:
-            w = w - w * hits[j]  # the drawn LoRA leaves the pool
+            w = w - w * hit  # the drawn LoRA leaves the pool
     return hits, hits.sum(0) - p_sum
 
 
@@ -143,23 +143,37 @@ def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _ScoreFunction(torch.autograd.Function):
+    """Value 0; gradient adv_m d log Q_m / d logits for every recorded logits."""
+
+    @staticmethod
+    def forward(ctx, grads, adv, *logits):
+        ctx.grads, ctx.adv = grads, adv
+        return adv.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        M, adv = len(ctx.adv), ctx.adv * g
+        return (None, None, *[(d.view(d.shape[0], M, -1) * adv[:, None]).view_as(d) for d in ctx.grads])
+
+
 def score_function_term(records, adv: torch.Tensor) -> torch.Tensor:
-    """The router's REINFORCE term: a scalar whose gradient is
-    sum_m adv_m grad log Q_m, for ReMix layers' ``records`` of
+    """The router's REINFORCE term: a scalar with the value 0 and the
+    gradient sum_m adv_m grad log Q_m, for ReMix layers' ``records`` of
     (logits (n, N), d log Q / d logits (n, N)) and ``adv`` (M,), one
     advantage per copy. With M > 1, every recorded forward ran M stacked
     copies of one batch, copy-major along N (the batch dimension comes first
-    in every ReMix layer's input), and copy m drew selection m. The scalar
-    is sum_m adv_m <d log Q_m / d logits, logits> with the first factor
-    constant: its value means nothing, its gradient is the estimate."""
-    M, total = len(adv), adv.new_zeros(())
-    for logits, grad in records:
+    in every ReMix layer's input), and copy m drew selection m. The
+    gradient reaches each router through its logits: log Q itself is never
+    computed in training."""
+    M = len(adv)
+    for logits, _ in records:
         if logits.shape[1] % M:
             raise ValueError(f"a ReMix layer ran {logits.shape[1]} tokens, not a multiple of {M} stacked copies: "
                              f"every training forward of a copies= call must run all copies, batch first")
-        g = grad.view(grad.shape[0], M, -1) * adv[:, None]  # (n, M, N / M): adv_m d log Q_m / d logits
-        total = total + (g * logits.view_as(g)).sum()
-    return total
+    if not records:
+        return adv.new_zeros(())
+    return _ScoreFunction.apply([d for _, d in records], adv.detach(), *[lg for lg, _ in records])
 
 
 @dataclass
@@ -224,19 +238,15 @@ class ReMixLinear(MixtureOfLoRAs):
 
     def inference_forward(self, x):
         """Eval without gradients (``generate``, ``evaluate``): the same output
-        with fewer operations. The router P reads the same x as the A_i, so
-        one matmul with the stacked weight [A_1; ...; A_n; P] (n r + n, in)
-        gives every A_i x and the router logits at once."""
+        as the training forward's top-k, without the autograd bookkeeping
+        (and without a custom backward, which it never needs)."""
         A, B = self.pool()  # (n r, in), (out, n r)
-        n, r, k = self.n, self.r, self.k
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = x2 @ torch.cat([A, self.router.weight]).t()  # (N, n r + n)
-        idx = h[:, n * r:].topk(k, dim=-1).indices  # (N, k): the deterministic top-k of the logits
-        N = x2.shape[0]
-        s = h.new_zeros(N, n, r).scatter_(1, idx[:, :, None].expand(N, k, r), self.omega)  # (N, n, r) gates
+        logits = self.router.weight @ x2.t()  # (n, N), expert-major as in training
+        g = torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0)  # (n, N) top-k gates
         W, bias = self.base.weight, self.base.bias
         y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
-        y.addmm_(h[:, :n * r] * s.view(N, n * r), B.t())  # += (gated A x) B^T
+        y.addmm_((x2 @ A.t()) * (g.t() @ self.spread), B.t())  # += (gated A x) B^T
         return y.view(*x.shape[:-1], W.shape[0])
 
 
@@ -320,9 +330,8 @@ def rloo_loss(loss_fn, M: int = 2):
             router_term = score_function_term(records, adv)
         else:
             router_term = sum(score_function_term(recs, adv[m:m + 1]) for m, (_, recs) in enumerate(runs))
-        router_term = router_term / (M - 1)
-        # Stage 4: the value is the mean loss, the gradient adds the router term
-        surrogate = losses.mean() + (router_term - router_term.detach())
+        # Stage 4: the value is the mean loss (the router term's is 0), the gradient adds the router term
+        surrogate = losses.mean() + router_term / (M - 1)
         out = {k: sum(float(d[k]) for d in inner) / M for k in inner[0]}
         spread = float(losses.detach().max() - losses.detach().min())
         out.update(loss_spread=spread, **routing_metrics(layers, M if stacked else 1))

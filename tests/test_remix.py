@@ -367,7 +367,7 @@ def test_eval_is_the_deterministic_top_k():
     expected = layer.base(x) + h.flatten(-2) @ B.T
     assert torch.equal(layer(x), layer(x))
     assert torch.allclose(layer(x), expected, atol=1e-12)
-    with torch.no_grad():  # generate's path: one matmul for the A_i and the router (inference_forward)
+    with torch.no_grad():  # generate's path (inference_forward)
         assert torch.allclose(layer(x.view(3, 3, 5)), expected.view(3, 3, 5), atol=1e-12)
         no_bias = ReMixLinear(nn.Linear(5, 5, bias=False).double(), 6, 2, 2).eval()
         for name in ("base.weight", "lora_A", "lora_B", "router.weight"):
