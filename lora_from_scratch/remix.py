@@ -58,7 +58,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import option
 from .lora import lora_linear
@@ -144,7 +143,8 @@ def selection_log_prob(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class _ScoreFunction(torch.autograd.Function):
-    """Value 0; gradient adv_m d log Q_m / d logits for every recorded logits."""
+    """Value 0, and for each recorded logits (n, N) the gradient
+    adv_m d log Q_m / d logits on copy m's tokens (``score_function_term``)."""
 
     @staticmethod
     def forward(ctx, grads, adv, *logits):
@@ -153,8 +153,9 @@ class _ScoreFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        M, adv = len(ctx.adv), ctx.adv * g
-        return (None, None, *[(d.view(d.shape[0], M, -1) * adv[:, None]).view_as(d) for d in ctx.grads])
+        adv = ctx.adv * g  # (M,)
+        return (None, None, *[(d.view(d.shape[0], len(adv), -1) * adv[:, None].to(d.dtype)).view_as(d)
+                              for d in ctx.grads])
 
 
 def score_function_term(records, adv: torch.Tensor) -> torch.Tensor:
