@@ -25,8 +25,10 @@ step (from the runs themselves), and the routing over training: ESS of the
 weights each token applies (1 / sum pi_i^2; k for uniform weights over k
 LoRAs, 1 for one dominant LoRA) and ESS of the router's distribution q over
 all n, min and mean over layers, every step. Speed ratios to the LoRA of
-rank k r are measured separately, interleaved (A, B, A, B, ...) in the same
-process, medians: a training step and an eval (top-k) forward.
+rank k r are measured separately in the same process, medians over rounds
+that run every row in turn (each round starting at the next row), timing
+each row's second step in a row: a training step and an eval (top-k)
+forward.
 
 The paper's claims (Qiu et al. 2026): the learned router's ESS collapses
 toward 1 while ReMix's stays at k, and ReMix beats it at equal active
