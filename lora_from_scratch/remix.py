@@ -78,10 +78,11 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     every step below reduces over the n LoRAs, and on CPU a reduction over
     dim 0 of an (n, N) tensor is several times faster than over the short
     last dim of (N, n). Returns ``hits`` (k, n, N), where hits[j] is the
-    one-hot of slot j's LoRA, and the gradient of the draw's log-probability
+    one-hot of slot j's LoRA, the gates (n, N), their sum (1 on each
+    token's k LoRAs), and the gradient of the draw's log-probability
     d log Q / d logits (n, N), which is all that the router's REINFORCE term
-    needs (``rloo_loss``). Given ``hits``, it returns them with their
-    gradient instead of drawing.
+    needs (``rloo_loss``). Given ``hits``, it scores them instead of
+    drawing.
 
     Slot by slot, by the inverse CDF. w holds q = softmax(logits) for the
     LoRAs not drawn yet and 0 for the drawn ones. With c its running sum
@@ -116,13 +117,14 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
         p_sum = p if p_sum is None else p_sum + p
         if j + 1 < k:
             w = w - w * hit  # the drawn LoRA leaves the pool
-    return hits, hits.sum(0) - p_sum
+    gates = hits.sum(0)
+    return hits, gates, gates - p_sum
 
 
 def sample_selection(logits: torch.Tensor, k: int) -> torch.Tensor:
     """k indices (..., k) drawn without replacement from softmax(logits)
     (..., n), in draw order (``draw`` in the usual layout)."""
-    hits, _ = draw(logits.detach().reshape(-1, logits.shape[-1]).t(), k)  # (k, n, N)
+    hits, _, _ = draw(logits.detach().reshape(-1, logits.shape[-1]).t(), k)  # (k, n, N)
     return hits.argmax(1).t().reshape(*logits.shape[:-1], k)
 
 
@@ -211,10 +213,10 @@ class ReMixLinear(MixtureOfLoRAs):
     def expert_major_gates(self, logits):  # (n, N) -> (n, N): 1 on each token's k active LoRAs, 0 elsewhere
         if not self.training:  # the deterministic top-k
             return torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0)
-        hits, grad_log_q = draw(logits.detach(), self.k)  # (k, n, N), (n, N)
+        _, gates, grad_log_q = draw(logits.detach(), self.k)  # (n, N) each
         if self.record is not None:
             self.record.append((logits, grad_log_q))
-        return hits.sum(0)
+        return gates
 
     def gates(self, logits):  # (..., n), for adapter_output
         g = self.expert_major_gates(logits.reshape(-1, self.n).t())  # (n, N)

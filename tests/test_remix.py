@@ -83,8 +83,9 @@ def test_log_Q_and_the_closed_form_gradient_of_draw_match_autograd(n, k):
     expect, = torch.autograd.grad((w * ref).sum(), logits)
     assert torch.allclose(torch.autograd.grad((w * lq).sum(), logits)[0], expect, atol=1e-12)
     hits = F.one_hot(sel, n).double().permute(1, 2, 0)  # (k, n, 7): the same selection, as draw's one-hots
-    same, grad = remix.draw(logits.detach().t(), k, hits)  # scores the given hits
-    assert same is hits and torch.allclose(grad.t() * w[:, None], expect, atol=1e-12)
+    same, gates, grad = remix.draw(logits.detach().t(), k, hits)  # scores the given hits
+    assert same is hits and torch.equal(gates, hits.sum(0))
+    assert torch.allclose(grad.t() * w[:, None], expect, atol=1e-12)
 
 
 def test_score_function_term_has_the_reinforce_gradient():
@@ -95,7 +96,7 @@ def test_score_function_term_has_the_reinforce_gradient():
     a = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)  # n = 5, N = 2 x 3
     b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)  # n = 5, N = 2 x 2
     c = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # n = 3, N = 2 x 2
-    draws = [(lg, *remix.draw(lg.detach(), k)) for lg, k in ((a, 2), (b, 2), (c, 3))]
+    draws = [(lg, *remix.draw(lg.detach(), k)[::2]) for lg, k in ((a, 2), (b, 2), (c, 3))]  # logits, hits, grad
     adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
     term = remix.score_function_term([(lg, grad) for lg, _, grad in draws], adv)
     log_q = [selection_log_prob(lg.t(), hits.argmax(1).t()).view(2, -1).sum(1) for lg, hits, _ in draws]  # (2,) each
@@ -109,9 +110,9 @@ def test_draw_takes_k_distinct_loras_even_when_one_holds_all_of_q():
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     logits[2, :10] = 500.0  # for 10 tokens, LoRA 2 leads by far more than float32's exp range
-    hits, grad = remix.draw(logits, 3)  # (3, 6, 50), (6, 50)
+    hits, gates, grad = remix.draw(logits, 3)  # (3, 6, 50), (6, 50), (6, 50)
     assert torch.equal(hits.sum(1), torch.ones(3, 50))  # each slot draws exactly one LoRA
-    assert torch.equal(hits.sum(0).amax(0), torch.ones(50))  # never the same one twice
+    assert torch.equal(gates.amax(0), torch.ones(50)) and torch.equal(gates.sum(0), torch.full((50,), 3.0))  # 3 distinct
     assert torch.equal(hits[0, 2, :10], torch.ones(10))  # the dominant LoRA comes first
     assert torch.isfinite(grad).all()
 
