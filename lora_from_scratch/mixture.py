@@ -84,7 +84,8 @@ class MixtureOfLoRAs(AdapterLayer):
         for A in self.lora_A:  # each LoRA starts like LoRALinear's A: |A| <= 1/sqrt(in)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.router = nn.Linear(base.in_features, n, bias=False, device=w.device, dtype=w.dtype)
-        # a list while a loss wrapper records (ReMix: (logits, selection) pairs; MixLoRA: balance terms), else None
+        # a list while a loss wrapper records (ReMix: (logits, d log Q / d logits) pairs; MixLoRA: balance
+        # terms), else None
         self.record = None
         self.last_routing = None  # (logits, gates) of the last training forward, detached, (n, N), for statistics
 
@@ -150,7 +151,7 @@ def mixture_layers(model: nn.Module, kind=MixtureOfLoRAs) -> list[tuple[str, Mix
 def routing_metrics(layers, copies: int = 1) -> dict:
     """Across layers: min and mean of each layer's mean ESS (applied weights
     and router q) and the largest layer-mean top weight, as floats. The
-    layers' last forwards are stacked (L, N, n) so that all layers cost one
+    layers' last forwards are stacked (L, n, N) so that all layers cost one
     computation. ``copies = M``: the last forward ran M stacked copies of a
     batch (ReMix's ``rloo_loss``), and the statistics read the first copy."""
     last = [m.last_routing for m in layers if m.last_routing is not None]
