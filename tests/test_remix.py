@@ -56,6 +56,12 @@ def test_log_Q_stays_accurate_when_one_lora_holds_almost_all_of_q():
     logits = torch.tensor([[30.0, 0, 0, 0, 0, 0, 0, 0]])
     lq = selection_log_prob(logits, torch.tensor([[0, 3]]))
     assert lq.dtype == torch.float32 and math.isclose(lq.item(), -math.log(7), rel_tol=1e-5)
+    # draw's gradient, in float32, the same way: slot 2 draws from the 7 LoRAs left
+    hits = F.one_hot(torch.tensor([[0, 3]]), 8).float().permute(1, 2, 0)  # (2, 8, 1)
+    _, _, grad = remix.draw(logits.t(), 2, hits)
+    l64 = logits.double().requires_grad_()
+    expect, = torch.autograd.grad(selection_log_prob(l64, torch.tensor([[0, 3]])).sum(), l64)
+    assert torch.allclose(grad.t().double(), expect, atol=1e-6) and abs(grad[3, 0].item() - 6 / 7) < 1e-6
 
 
 def log_Q_by_autograd(logits, sel):
