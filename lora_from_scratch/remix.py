@@ -99,6 +99,8 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
 
     (``selection_log_prob`` computes log Q itself; the tests check this
     gradient against autograd on it)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[0]:
+        raise ValueError(f"draw takes k in 1..n = 1..{logits.shape[0]} LoRAs per token, got k={k!r}")
     w = logits.softmax(0).clamp_(min=Q_FLOOR)  # (n, N): q
     (n, N), drawing = w.shape, hits is None
     if drawing:

@@ -469,6 +469,8 @@ def test_errors():
         ReMixLinear(lin, 4, 2, 2, omega="none")
     with pytest.raises(ValueError, match="M >= 2"):
         rloo_loss(lambda m, b: (m(b), {}), 1)
+    with pytest.raises(ValueError, match="k in 1..n = 1..4"):
+        sample_selection(torch.zeros(3, 4), 5)
     with pytest.raises(ValueError, match="selections"):
         ReMixOptions(selections=1)
     with pytest.raises(ValueError, match="at most n"):
