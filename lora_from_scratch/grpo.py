@@ -164,7 +164,9 @@ def token_logprobs(model, ro: Rollouts, copies: int = 1) -> torch.Tensor:
     M stacked copies of the rollouts in one pass and returns (M N, T),
     copy-major (for ReMix, whose copies route differently)."""
     P = ro.prompt_len
-    ids, mask, done = (t.repeat(copies, 1) for t in (ro.input_ids, ro.attention_mask, ro.completion_mask))
+    ids, mask, done = ro.input_ids, ro.attention_mask, ro.completion_mask
+    if copies > 1:
+        ids, mask, done = (t.repeat(copies, 1) for t in (ids, mask, done))  # (M N, T), copy-major
     logits = model(ids[:, :-1], mask[:, :-1])[:, P - 1:]  # (M N, n, V): predicts columns P..
     logp = F.log_softmax(logits.float() / ro.temperature, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
     logp = logp * done[:, P:]  # (M N, n)

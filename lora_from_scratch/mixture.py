@@ -106,8 +106,8 @@ class MixtureOfLoRAs(AdapterLayer):
         if self.k != self.n:
             raise ValueError(f"this mixture has no single weight update: each token uses its own {self.k} of "
                              f"{self.n} LoRAs (only k == n is a fixed LoRA that can merge)")
-        B = self.lora_B.permute(1, 0, 2).flatten(1)  # (out, n r)
-        return self.omega * B @ self.lora_A.flatten(0, 1)  # (out, n r) @ (n r, in)
+        A, B = self.pool()
+        return self.omega * B @ A  # (out, n r) @ (n r, in)
 
     def pool(self):
         """The pool as one rank-(n r) LoRA: A (n r, in), B (out, n r) = [B_1 ... B_n]."""

@@ -248,7 +248,7 @@ class ReMixLinear(MixtureOfLoRAs):
         A, B = self.pool()  # (n r, in), (out, n r)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         logits = self.router.weight @ x2.t()  # (n, N), expert-major as in training
-        g = torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0)  # (n, N) top-k gates
+        g = self.expert_major_gates(logits)  # (n, N): eval, so the top-k
         W, bias = self.base.weight, self.base.bias
         y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
         y.addmm_((x2 @ A.t()) * (g.t() @ self.spread), B.t())  # += (gated A x) B^T
