@@ -149,7 +149,7 @@ def speed(base, task, specs, a) -> dict:
 
 
 def run(a) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)  # before any work: the thread count changes speed and last digits
     base, _ = load_or_pretrain(PretrainConfig(task="add", digits=a.base_digits, progress=False))
     task = Task(a.task, a.digits)
     specs = rows(a)
@@ -218,7 +218,9 @@ def speed_table(res: dict) -> str:
             M = int(name.split("M=")[1]) if "M=" in name else 1
             lines.append(f"| {name} | {width} | {sp['step_ratio']:.2f}x | {sp['step_ratio'] / M:.2f} | "
                          f"{sp['eval_ratio']:.2f}x | {sp['step_ms']:.1f} | {sp['eval_ms']:.2f} |")
-    lines += ["", f"Interleaved medians of {a['speed_reps']} rounds, 1 thread, batch {a['batch_size']} problems of "
+    threads = a.get("threads", 1)
+    lines += ["", f"Interleaved medians of {a['speed_reps']} rounds, {threads} thread{'s' * (threads > 1)}, "
+              f"batch {a['batch_size']} problems of "
               f"{a['task']} {a['digits']}; n={a['experts']}, k={a['active']}, r={a['rank']}; torch {a['torch']}"]
     return "\n".join(lines)
 
@@ -296,11 +298,16 @@ def main(argv=None) -> dict:
                     help="also time the rows on an untrained TinyGPT of this width (default 256; 0: skip)")
     ap.add_argument("--speed-only", action="store_true",
                     help="only the interleaved speed ratios, no training (results in remix_vs_mixlora_speed.*)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, the project's default: on a machine shared with other "
+                         "work, extra threads wait on each other)")
     ap.add_argument("--json", help="results JSON (default benchmarks/results/remix_vs_mixlora[_speed].json)")
     ap.add_argument("--txt", help="markdown tables (default benchmarks/results/remix_vs_mixlora[_speed].txt)")
     ap.add_argument("--plot", default=str(ROOT / "tutorials/figures/remix_ess.png"), help="ESS figure (PNG)")
     ap.add_argument("--from-json", metavar="FILE", help="re-print and re-plot saved results; no training")
     a = ap.parse_args(argv)
+    if a.threads < 1:
+        ap.error(f"--threads must be >= 1, got {a.threads}")
     stem = ROOT / "benchmarks/results" / ("remix_vs_mixlora_speed" if a.speed_only else "remix_vs_mixlora")
     a.json, a.txt = a.json or f"{stem}.json", a.txt or f"{stem}.txt"
     res = json.loads(Path(a.from_json).read_text()) if a.from_json else run(a)
