@@ -225,6 +225,31 @@ def speed_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def runs_table(runs: list[dict]) -> str:
+    """Several speed-only runs side by side (``--from-json a.json,b.json,...``):
+    the speed ratios move with the machine's state, so one run is not enough."""
+    names = [n for n in runs[0]["speed"] if n.startswith("remix")]
+    lines = ["| run | threads | LoRA step ms | " + " | ".join(f"{n}: step per M | {n}: eval" for n in names) + " |",
+             "|---:|---:|---:|" + "---:|" * (2 * len(names))]
+    per = {n: [] for n in names}
+    for i, res in enumerate(runs, 1):
+        cells = []
+        for n in names:
+            sp, M = res["speed"][n], int(n.split("M=")[1])
+            per[n].append(sp["step_ratio"] / M)
+            cells += [f"{sp['step_ratio'] / M:.2f}", f"{sp['eval_ratio']:.2f}x"]
+        lines.append(f"| {i} | {res['settings']['threads']} | {res['speed']['lora r=kr']['step_ms']:.1f} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    for n, v in per.items():
+        lines.append(f"{n}, step time per M: min {min(v):.2f}, median {statistics.median(v):.2f}, max {max(v):.2f} "
+                     f"over {len(v)} runs")
+    a = runs[0]["settings"]
+    lines.append(f"Each run: interleaved medians of {a['speed_reps']} rounds at the base width, batch {a['batch_size']} "
+                 f"problems of {a['task']} {a['digits']}; n={a['experts']}, k={a['active']}, r={a['rank']}")
+    return "\n".join(lines)
+
+
 def ess_over_steps(res: dict) -> str:
     """A markdown table of the seed-mean ESS at 13 points of training."""
     names = [n for n, per in res["rows"].items() if "ess_min" in per[0]["log"]]
@@ -304,10 +329,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="results JSON (default benchmarks/results/remix_vs_mixlora[_speed].json)")
     ap.add_argument("--txt", help="markdown tables (default benchmarks/results/remix_vs_mixlora[_speed].txt)")
     ap.add_argument("--plot", default=str(ROOT / "tutorials/figures/remix_ess.png"), help="ESS figure (PNG)")
-    ap.add_argument("--from-json", metavar="FILE", help="re-print and re-plot saved results; no training")
+    ap.add_argument("--from-json", metavar="FILE", help="re-print and re-plot saved results; no training. "
+                    "Several --speed-only results, comma-separated: one table of the runs (results in "
+                    "remix_vs_mixlora_speed_runs.*)")
     a = ap.parse_args(argv)
     if a.threads < 1:
         ap.error(f"--threads must be >= 1, got {a.threads}")
+    if a.from_json and "," in a.from_json:  # several speed-only runs: one table of them all
+        runs = [json.loads(Path(f).read_text()) for f in a.from_json.split(",")]
+        if any(r["rows"] or not r.get("speed") for r in runs):
+            ap.error("a comma-separated --from-json takes only --speed-only results")
+        text = runs_table(runs) + "\n"
+        print(text)
+        stem = ROOT / "benchmarks/results/remix_vs_mixlora_speed_runs"
+        write_json(a.json or f"{stem}.json", {"runs": runs, "table": text})
+        with atomic_write(a.txt or f"{stem}.txt") as f:
+            f.write(text)
+        return {"runs": runs}
     stem = ROOT / "benchmarks/results" / ("remix_vs_mixlora_speed" if a.speed_only else "remix_vs_mixlora")
     a.json, a.txt = a.json or f"{stem}.json", a.txt or f"{stem}.txt"
     res = json.loads(Path(a.from_json).read_text()) if a.from_json else run(a)

@@ -1,8 +1,10 @@
 """ReMix (constant weights, RLOO router) and the learned-router baseline (MixLoRA)."""
 
+import importlib.util
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from lora_from_scratch.mixture import effective_support_size
 from lora_from_scratch.remix import ReMixLinear, ReMixOptions, rloo_loss, sample_selection, selection_log_prob
 
 DRAW = remix.draw  # the real one, for tests that patch it
+REPO = Path(__file__).resolve().parent.parent
 
 
 def closed_form_Q(q, sel):
@@ -516,3 +519,29 @@ def test_cli_flags(tiny_model, tmp_path, capsys):
     assert main(["finetune", "--method", "mixlora", "--selections", "2", *common]) == 2
     err = capsys.readouterr().err
     assert "M) must be an int >= 2" in err and "--selections is an option of --method remix" in err
+
+
+def test_benchmark_joins_speed_runs_into_one_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("remix_vs_mixlora", REPO / "benchmarks" / "remix_vs_mixlora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = {"threads": 1, "speed_reps": 3, "batch_size": 8, "task": "sub", "digits": "2", "experts": 8,
+                "active": 2, "rank": 4}
+    files = []
+    for i, ratio in enumerate((2.5, 2.8, 2.6)):  # remix M=2 step ratios: 1.25, 1.40, 1.30 per M
+        speed = {"lora r=kr": {"step_ratio": 1.0, "eval_ratio": 1.0, "step_ms": 10.0 + i, "eval_ms": 4.0},
+                 "remix M=2": {"step_ratio": ratio, "eval_ratio": 1.3, "step_ms": 30.0, "eval_ms": 5.0}}
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps({"settings": settings, "rows": {}, "speed": speed}))
+    out_json, out_txt = tmp_path / "runs.json", tmp_path / "runs.txt"
+    res = bench.main(["--from-json", ",".join(map(str, files)), "--json", str(out_json), "--txt", str(out_txt)])
+    assert len(res["runs"]) == 3 and len(json.loads(out_json.read_text())["runs"]) == 3
+    text = out_txt.read_text()
+    assert "| 2 | 1 | 11.0 | 1.40 | 1.30x |" in text
+    assert "remix M=2, step time per M: min 1.25, median 1.30, max 1.40 over 3 runs" in text
+    trained = tmp_path / "trained.json"  # a run with training rows cannot join a speed table
+    trained.write_text(json.dumps({"settings": settings, "rows": {"lora r=kr": []}, "speed": {}}))
+    with pytest.raises(SystemExit):
+        bench.main(["--from-json", f"{files[0]},{trained}", "--json", str(out_json), "--txt", str(out_txt)])
+    with pytest.raises(SystemExit):
+        bench.main(["--threads", "0", "--speed-only"])
