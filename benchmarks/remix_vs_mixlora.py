@@ -339,6 +339,8 @@ def main(argv=None) -> dict:
         runs = [json.loads(Path(f).read_text()) for f in a.from_json.split(",")]
         if any(r["rows"] or not r.get("speed") for r in runs):
             ap.error("a comma-separated --from-json takes only --speed-only results")
+        if any(set(r["speed"]) != set(runs[0]["speed"]) for r in runs):
+            ap.error("a comma-separated --from-json takes runs of the same rows")
         text = runs_table(runs) + "\n"
         print(text)
         stem = ROOT / "benchmarks/results/remix_vs_mixlora_speed_runs"
