@@ -60,7 +60,6 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import option
-from .lora import lora_linear
 from .mixture import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
 
 
@@ -108,18 +107,19 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
         hits = w.new_empty(k, n, N)
         passed = w.new_zeros(n + 1, N)  # passed[1 + i]: is LoRA i's c past v? (row 0 stays 0)
         now, before = passed[1:], passed[:-1]
-    p_sum = None  # sum_j p_j
-    for j, hit in enumerate(hits):  # hit: (n, N), slot j's one-hot
+    p_sum = gates = None  # sum_j p_j and sum_j onehot(i_j), (n, N) each
+    for j in range(k):
+        hit = hits[j]  # (n, N): slot j's one-hot
         c = w.cumsum(0)  # (n, N)
         mass = c[-1]  # (N,): all the weight left
         if drawing:
             torch.gt(c, u[j] * mass, out=now)  # 0 ... 0 1 ... 1, as float
             torch.sub(now, before, out=hit)  # the one-hot: where `passed` steps from 0 to 1
-        p = w / mass  # (n, N): p_j, the distribution slot j draws from
-        p_sum = p if p_sum is None else p_sum + p
+        # p_j = w / mass, the distribution slot j draws from (addcdiv_: p_sum += w / mass)
+        p_sum = w / mass if j == 0 else p_sum.addcdiv_(w, mass)
+        gates = hit if j == 0 else gates + hit
         if j + 1 < k:
-            w = w - w * hit  # the drawn LoRA leaves the pool
-    gates = hits.sum(0)
+            w = torch.addcmul(w, w, hit, value=-1)  # w - w * hit: the drawn LoRA leaves the pool
     return hits, gates, gates - p_sum
 
 
@@ -157,9 +157,9 @@ class _ScoreFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        adv = ctx.adv * g  # (M,)
-        return (None, None, *[(d.view(d.shape[0], len(adv), -1) * adv[:, None].to(d.dtype)).view_as(d)
-                              for d in ctx.grads])
+        M = len(ctx.adv)
+        adv = (ctx.adv * g).to(ctx.grads[0].dtype)[:, None]  # (M, 1)
+        return (None, None, *[(d.view(d.shape[0], M, -1) * adv).view_as(d) for d in ctx.grads])
 
 
 def score_function_term(records, adv: torch.Tensor) -> torch.Tensor:
@@ -196,6 +196,74 @@ class ReMixOptions:
                              f"got {self.selections!r}")
 
 
+class _ReMixLinearFn(torch.autograd.Function):
+    """One ReMix layer, forward and backward written out as one autograd node:
+
+        logits = P x^T                 (n, N), expert-major (see draw)
+        s      = spread of the gates   (N, n r): omega on the r components of each token's k LoRAs, 0 elsewhere
+        h      = (x A^T) * s           (N, n r), A (n r, in) the pool's down-projections
+        y      = x W^T + b + h B^T     (N, out), B (out, n r) the pool's up-projections
+
+    that is LoRA's ``lora_linear`` over the whole pool with a per-token gate,
+    plus the router. The gates come from ``layer.route`` (a draw in training,
+    the top-k in eval). Outputs: y, the logits, and route's gates and
+    d log Q / d logits (no gradient). The logits get a gradient G only from
+    the router's REINFORCE term (``score_function_term``); with g = dL/dy:
+
+        dL/dP = G x          dL/dA = ((g B) * s)^T x          dL/dB = g^T h
+        dL/dx = g W + ((g B) * s) A      (the router reads x detached: G adds nothing here)
+
+    Autograd would get the same numbers through a dozen small nodes (the
+    router's matmul, transposes, the pool's reshapes), and on CPU a small
+    layer's time goes mostly to the number of operations, not to FLOPs."""
+
+    @staticmethod
+    def compute(x, W, bias, P, A, B, layer):
+        """The forward's math; also the whole forward without gradients
+        (``generate``, ``evaluate``), where an autograd node only costs time.
+        Returns y, the logits, the gates, d log Q / d logits (or None) and
+        what the backward needs."""
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        logits = P @ x2.t()  # (n, N)
+        gates, grad_log_q = layer.route(logits)  # (n, N) each; grad_log_q is None in eval
+        s = gates.t() @ layer.spread  # (N, n r): each gate, times omega, over its LoRA's r components
+        A2, B2 = A.flatten(0, 1), B.permute(1, 0, 2).flatten(1)  # the pool, as layer.pool() gives it
+        h = (x2 @ A2.t()).mul_(s)  # (N, n r): zero outside each token's k LoRAs
+        # y is a fresh tensor of the output's shape (not a view: callers may
+        # modify it in place), written through a 2-d view of it
+        y = x.new_empty(*x.shape[:-1], W.shape[0])  # (..., out)
+        y2 = y.view(-1, W.shape[0])  # (N, out)
+        torch.mm(x2, W.t(), out=y2) if bias is None else torch.addmm(bias, x2, W.t(), out=y2)
+        y2.addmm_(h, B2.t())  # y += h B^T
+        return y, logits, gates, grad_log_q, (x2, W, A2, B2, h, s)
+
+    @staticmethod
+    def forward(ctx, x, W, bias, P, A, B, layer):
+        y, logits, gates, grad_log_q, saved = _ReMixLinearFn.compute(x, W, bias, P, A, B, layer)
+        ctx.save_for_backward(*saved)
+        ctx.x_shape, ctx.pool_shape = x.shape, A.shape
+        ctx.mark_non_differentiable(*(t for t in (gates, grad_log_q) if t is not None))
+        ctx.set_materialize_grads(False)  # logits without a REINFORCE term get None, not zeros: no router gradient
+        return y, logits, gates, grad_log_q
+
+    @staticmethod
+    def backward(ctx, gy, g_logits, _gates, _grad_log_q):
+        x2, W, A2, B2, h, s = ctx.saved_tensors
+        n, r, _ = ctx.pool_shape
+        need = ctx.needs_input_grad
+        gP = g_logits @ x2 if need[3] and g_logits is not None else None  # (n, in)
+        if gy is None:  # only the logits were used
+            return None, None, None, gP, None, None, None
+        g = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        gh = (g @ B2).mul_(s)  # (N, n r)
+        gx = (g @ W).addmm_(gh, A2).view(ctx.x_shape) if need[0] else None
+        gW = g.t() @ x2 if need[1] else None
+        gb = g.sum(0) if need[2] else None
+        gA = (gh.t() @ x2).view(ctx.pool_shape) if need[4] else None  # (n, r, in)
+        gB = (h.t() @ g).view(n, r, -1).transpose(1, 2) if need[5] else None  # (n, out, r) = g^T h per LoRA
+        return gx, gW, gb, gP, gA, gB, None
+
+
 class ReMixLinear(MixtureOfLoRAs):
     """Constant weights over k LoRAs drawn from the router (training), or
     its top-k (eval). While a loss wrapper records, each training forward
@@ -212,47 +280,38 @@ class ReMixLinear(MixtureOfLoRAs):
         spread = self.omega * torch.eye(self.n, dtype=w.dtype, device=w.device).repeat_interleave(self.r, 1)
         self.register_buffer("spread", spread, persistent=False)
 
-    def expert_major_gates(self, logits):  # (n, N) -> (n, N): 1 on each token's k active LoRAs, 0 elsewhere
-        if not self.training:  # the deterministic top-k
-            return torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0)
-        _, gates, grad_log_q = draw(logits.detach(), self.k)  # (n, N) each
-        if self.record is not None:
-            self.record.append((logits, grad_log_q))
-        return gates
+    def route(self, logits):
+        """Gates (n, N) for router logits (n, N), no gradient: 1 on each
+        token's k active LoRAs, 0 elsewhere. Eval takes the deterministic
+        top-k; training draws (``draw``) and also returns d log Q / d logits
+        (None in eval)."""
+        if not self.training:
+            return torch.zeros_like(logits).scatter_(0, logits.topk(self.k, dim=0).indices, 1.0), None
+        _, gates, grad_log_q = draw(logits, self.k)
+        return gates, grad_log_q
 
     def gates(self, logits):  # (..., n), for adapter_output
-        g = self.expert_major_gates(logits.reshape(-1, self.n).t())  # (n, N)
+        lg = logits.reshape(-1, self.n).t()  # (n, N)
+        g, grad_log_q = self.route(lg.detach())
+        if grad_log_q is not None and self.record is not None:
+            self.record.append((lg, grad_log_q))
         return g.t().reshape(logits.shape)
 
     def forward(self, x):
         if self.merged or self.disabled:
             return self.base(x)
-        if not self.training and not torch.is_grad_enabled():
-            return self.inference_forward(x)
-        # the same function as adapter_output, through LoRA's hand-written
-        # backward, with the routing expert-major (see draw)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        logits = self.router.weight @ x2.detach().t()  # (n, N): the router reads a detached x
-        g = self.expert_major_gates(logits)  # (n, N)
+        # the same function as adapter_output, with the backward written out
+        # and the routing expert-major (see _ReMixLinearFn and draw)
+        args = (x, self.base.weight, self.base.bias, self.router.weight, self.lora_A, self.lora_B, self)
+        if torch.is_grad_enabled():
+            y, logits, g, grad_log_q = _ReMixLinearFn.apply(*args)
+        else:
+            y, logits, g, grad_log_q, _ = _ReMixLinearFn.compute(*args)
         if self.training:
             self.last_routing = (logits.detach(), g)  # for the statistics
-        # LoRA's per-component scales, token-major: each token's gate
-        # omega * g_i repeated over LoRA i's r components
-        s = g.t() @ self.spread  # (N, n r)
-        return lora_linear(x, self.base.weight, self.base.bias, *self.pool(), s)
-
-    def inference_forward(self, x):
-        """Eval without gradients (``generate``, ``evaluate``): the same output
-        as the training forward's top-k, without the autograd bookkeeping
-        (and without a custom backward, which it never needs)."""
-        A, B = self.pool()  # (n r, in), (out, n r)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        logits = self.router.weight @ x2.t()  # (n, N), expert-major as in training
-        g = self.expert_major_gates(logits)  # (n, N): eval, so the top-k
-        W, bias = self.base.weight, self.base.bias
-        y = x2 @ W.t() if bias is None else torch.addmm(bias, x2, W.t())  # (N, out)
-        y.addmm_((x2 @ A.t()) * (g.t() @ self.spread), B.t())  # += (gated A x) B^T
-        return y.view(*x.shape[:-1], W.shape[0])
+            if self.record is not None:
+                self.record.append((logits, grad_log_q))
+        return y
 
 
 def takes_copies(loss_fn) -> bool:

@@ -377,7 +377,7 @@ def test_eval_is_the_deterministic_top_k():
     expected = layer.base(x) + h.flatten(-2) @ B.T
     assert torch.equal(layer(x), layer(x))
     assert torch.allclose(layer(x), expected, atol=1e-12)
-    with torch.no_grad():  # generate's path (inference_forward)
+    with torch.no_grad():  # generate's path (_ReMixLinearFn.compute, no autograd node)
         assert torch.allclose(layer(x.view(3, 3, 5)), expected.view(3, 3, 5), atol=1e-12)
         no_bias = ReMixLinear(nn.Linear(5, 5, bias=False).double(), 6, 2, 2).eval()
         for name in ("base.weight", "lora_A", "lora_B", "router.weight"):
@@ -392,6 +392,29 @@ def test_forward_equals_adapter_output():
     layer = remix_layer(5, 2).eval()  # the fused forward vs the plain-autograd adapter_output
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     assert torch.allclose(layer(x), layer.adapter_output(x, layer.base(x)), atol=1e-12)
+
+
+def test_written_out_backward_matches_finite_differences():
+    """_ReMixLinearFn's backward against gradcheck: y in every input but the
+    router, the logits in the router's weight P. Eval mode, so the gates
+    are the top-k and do not move under gradcheck's small steps."""
+    layer = remix_layer(4, 2, d=5).eval()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    W, b, P, A, B = (t.detach().clone().requires_grad_() for t in
+                     (layer.base.weight, layer.base.bias, layer.router.weight, layer.lora_A, layer.lora_B))
+
+    def fn(*args):
+        return remix._ReMixLinearFn.apply(*args, layer)
+
+    assert torch.autograd.gradcheck(lambda x, W, b, A, B: fn(x, W, b, P.detach(), A, B)[0], (x, W, b, A, B))
+    assert torch.autograd.gradcheck(lambda P: fn(x.detach(), W, b, P, A, B)[1], (P,))
+    # the router reads x detached: a gradient on the logits reaches P, not x
+    y, logits, _, _ = fn(x, W, b, P, A, B)
+    logits.sum().backward()
+    assert x.grad is None and P.grad is not None and A.grad is None
+    out = layer.train()(x)  # a fresh tensor, not a view: the caller may change it in place
+    out.add_(1.0).sum().backward()
+    assert x.grad is not None
 
 
 def test_zero_B_gives_the_base_output_for_every_selection():
