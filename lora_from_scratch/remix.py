@@ -77,11 +77,12 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
     every step below reduces over the n LoRAs, and on CPU a reduction over
     dim 0 of an (n, N) tensor is several times faster than over the short
     last dim of (N, n). Returns ``hits`` (k, n, N), where hits[j] is the
-    one-hot of slot j's LoRA, the gates (n, N), their sum (1 on each
-    token's k LoRAs), and the gradient of the draw's log-probability
+    one-hot of slot j's LoRA; the gates (n, N), the one-hots summed over
+    the slots (1 on each token's k LoRAs; for k = 1 that is hits[0] itself,
+    not a copy); and the gradient of the draw's log-probability
     d log Q / d logits (n, N), which is all that the router's REINFORCE term
-    needs (``rloo_loss``). Given ``hits``, it scores them instead of
-    drawing.
+    needs (``rloo_loss``). Given ``hits`` (k, n, N), in the logits' dtype,
+    it scores them instead of drawing.
 
     Slot by slot, by the inverse CDF. w holds q = softmax(logits) for the
     LoRAs not drawn yet and 0 for the drawn ones. With c its running sum
@@ -102,6 +103,9 @@ def draw(logits: torch.Tensor, k: int, hits: torch.Tensor | None = None):
         raise ValueError(f"draw takes k in 1..n = 1..{logits.shape[0]} LoRAs per token, got k={k!r}")
     w = logits.softmax(0).clamp_(min=Q_FLOOR)  # (n, N): q
     (n, N), drawing = w.shape, hits is None
+    if not drawing and (hits.shape != (k, n, N) or hits.dtype != w.dtype):
+        raise ValueError(f"draw scores hits of shape (k, n, N) = {(k, n, N)} and dtype {w.dtype}, got "
+                         f"{tuple(hits.shape)} and {hits.dtype}")
     if drawing:
         u = torch.rand(k, N, dtype=w.dtype, device=w.device)  # (k, N)
         hits = w.new_empty(k, n, N)
@@ -158,8 +162,8 @@ class _ScoreFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         M = len(ctx.adv)
-        adv = (ctx.adv * g).to(ctx.grads[0].dtype)[:, None]  # (M, 1)
-        return (None, None, *[(d.view(d.shape[0], M, -1) * adv).view_as(d) for d in ctx.grads])
+        adv = (ctx.adv * g)[:, None]  # (M, 1)
+        return (None, None, *[(d.view(d.shape[0], M, -1) * adv.to(d.dtype)).view_as(d) for d in ctx.grads])
 
 
 def score_function_term(records, adv: torch.Tensor) -> torch.Tensor:

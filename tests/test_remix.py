@@ -497,6 +497,10 @@ def test_errors():
         rloo_loss(lambda m, b: (m(b), {}), 1)
     with pytest.raises(ValueError, match="k in 1..n = 1..4"):
         sample_selection(torch.zeros(3, 4), 5)
+    with pytest.raises(ValueError, match=r"shape \(k, n, N\) = \(2, 4, 3\)"):
+        remix.draw(torch.zeros(4, 3), 2, torch.zeros(3, 4, 3))  # 3 slots of one-hots for k = 2
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        remix.draw(torch.zeros(4, 3), 2, torch.zeros(2, 4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="selections"):
         ReMixOptions(selections=1)
     with pytest.raises(ValueError, match="at most n"):
