@@ -47,7 +47,9 @@ n experts' ``A_i x`` in one matmul and gates them per token with a dense
 (N, n r) scale matrix that is omega on the selected LoRAs and 0 elsewhere:
 a rank-(n r) LoRA with a per-token diagonal gate. That is simple and fast
 for small n r; a large model would group tokens by expert instead. The
-routing itself (logits, draw, gates) is expert-major, (n, N). With
+routing itself (logits, draw, gates) is expert-major, (n, N), and the
+whole layer is one autograd node with its backward written out
+(``_ReMixLinearFn``). With
 k = n every LoRA is always active and the layer is a fixed rank-(n r) LoRA
 (the only case with a ``delta_weight``, so the only one that can merge).
 """
