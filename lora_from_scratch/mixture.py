@@ -111,7 +111,7 @@ class MixtureOfLoRAs(AdapterLayer):
 
     def pool(self):
         """The pool as one rank-(n r) LoRA: A (n r, in), B (out, n r) = [B_1 ... B_n]."""
-        return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).flatten(1)
+        return flat_pool(self.lora_A, self.lora_B)
 
     def adapter_output(self, x, y):
         g = self.gates(self.router_logits(x))  # (..., n)
@@ -127,6 +127,12 @@ class MixtureOfLoRAs(AdapterLayer):
         if self.last_routing is None:
             return {}
         return {key: float(v) for key, v in routing_stats_of(*self.last_routing).items()}
+
+
+def flat_pool(lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """lora_A (n, r, in) and lora_B (n, out, r) as one rank-(n r) LoRA:
+    A (n r, in), B (out, n r) = [B_1 ... B_n] (``MixtureOfLoRAs.pool``)."""
+    return lora_A.flatten(0, 1), lora_B.permute(1, 0, 2).flatten(1)
 
 
 def routing_stats_of(logits: torch.Tensor, g: torch.Tensor) -> dict:

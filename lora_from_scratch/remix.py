@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import option
-from .mixture import MixtureOfLoRAs, check_mixture, mixture_layers, routing_metrics, softmax
+from .mixture import MixtureOfLoRAs, check_mixture, flat_pool, mixture_layers, routing_metrics, softmax
 
 
 # The smallest router probability a draw uses (about exp(-80)): a smaller q,
@@ -233,7 +233,7 @@ class _ReMixLinearFn(torch.autograd.Function):
         logits = P @ x2.t()  # (n, N)
         gates, grad_log_q = layer.route(logits)  # (n, N) each; grad_log_q is None in eval
         s = gates.t() @ layer.spread  # (N, n r): each gate, times omega, over its LoRA's r components
-        A2, B2 = A.flatten(0, 1), B.permute(1, 0, 2).flatten(1)  # the pool, as layer.pool() gives it
+        A2, B2 = flat_pool(A, B)  # (n r, in), (out, n r): the pool as one LoRA
         h = (x2 @ A2.t()).mul_(s)  # (N, n r): zero outside each token's k LoRAs
         # y is a fresh tensor of the output's shape (not a view: callers may
         # modify it in place), written through a 2-d view of it
